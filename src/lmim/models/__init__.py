@@ -1,0 +1,8 @@
+"""Encoders, local decoders and the LocalMIM pre-training model."""
+
+from lmim.models.decoders import ViTLocalDecoder
+from lmim.models.localmim import LocalMIM, LocalMIMOutput
+from lmim.models.masking import mask_indices, random_mask
+from lmim.models.vit import MaskedViT
+
+__all__ = ["LocalMIM", "LocalMIMOutput", "MaskedViT", "ViTLocalDecoder", "mask_indices", "random_mask"]

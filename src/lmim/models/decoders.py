@@ -1,0 +1,155 @@
+"""Local decoders: one light transformer block per tapped layer, then a rescale head.
+
+LocalMIM section 2.3. The transformer always runs on the encoder's patch grid; the rescale head
+turns that grid into the tap's target grid (x4: two transposed convs, x2: one, x1: nothing,
+x0.5: average pooling), and a 1x1 conv maps to the target width.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+from timm.layers import LayerNorm2d
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from lmim.errors import ConfigError
+from lmim.models.pos_embed import sincos_2d
+from lmim.models.vit import init_linear_and_norm
+
+
+def scale_exponent(scale: float, key: str = "schedule.scales") -> int:
+    """log2 of a scale that must be a power of two (..., 0.25, 0.5, 1, 2, 4, ...)."""
+    if scale <= 0:
+        raise ConfigError(f"{key}: scale {scale} must be a positive power of two (0.5, 1, 2, 4)")
+    k = math.log2(scale)
+    if abs(k - round(k)) > 1e-9:
+        raise ConfigError(
+            f"{key}: scale {scale} is not a power of two; the decoder up-samples with stride-2 "
+            "transposed convs and down-samples with 2x2 pooling, so use 0.5, 1, 2, 4, ..."
+        )
+    return int(round(k))
+
+
+def scaled_grid(grid: tuple[int, int], scale: float, key: str = "schedule.scales") -> tuple[int, int]:
+    """The target grid of a tap: the patch grid times its scale, which must be whole."""
+    k = scale_exponent(scale, key)
+    if k >= 0:
+        return grid[0] << k, grid[1] << k
+    f = 1 << -k
+    if grid[0] % f or grid[1] % f:
+        raise ConfigError(
+            f"{key}: scale {scale} on the {grid[0]}x{grid[1]} patch grid gives a non-integer "
+            f"{grid[0] / f}x{grid[1] / f} grid: choose data.img_size so that the patch grid is "
+            f"divisible by {f}, or a larger scale"
+        )
+    return grid[0] // f, grid[1] // f
+
+
+def rescale_head(dim: int, scale: float) -> tuple[nn.Module, int]:
+    """The head that takes a (B, dim, h, w) map to (B, C, h * scale, w * scale).
+
+    x2^k (k >= 1): k stride-2 transposed convs that halve the channels, with channel-LayerNorm and
+    GELU between them (x4: ConvT -> LN -> GELU -> ConvT; x2: a single ConvT with no norm or
+    activation). x1: identity. x2^-k: a 2^k x 2^k average pool.
+
+    Returns:
+        The module and its output channels C.
+    """
+    k = scale_exponent(scale)
+    if k == 0:
+        return nn.Identity(), dim
+    if k < 0:
+        f = 1 << -k
+        return nn.AvgPool2d(f, stride=f), dim
+    layers: list[nn.Module] = []
+    ch = dim
+    for i in range(k):
+        if ch < 2:
+            raise ConfigError(f"model.decoder.dim={dim} is too narrow for scale {scale}")
+        if i:
+            layers += [LayerNorm2d(ch, eps=1e-6), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(ch, ch // 2, kernel_size=2, stride=2))
+        ch //= 2
+    return nn.Sequential(*layers), ch
+
+
+class ViTLocalDecoder(nn.Module):
+    """The decoder of one ViT tap.
+
+    Args:
+        in_dim: encoder width at the tap.
+        out_dim: target width per cell (3 * nbins for HOG, 3 * cell^2 for pixels).
+        grid_size: encoder patch grid (rows, cols).
+        scale: target grid / patch grid, a power of two.
+        dim: decoder width (256 in LocalMIM).
+        depth: transformer blocks (1 in LocalMIM).
+        num_heads: attention heads (8 in LocalMIM).
+        mlp_ratio: block MLP ratio.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        grid_size: tuple[int, int],
+        scale: float,
+        dim: int = 256,
+        depth: int = 1,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(
+                f"model.decoder.dim={dim} is not divisible by model.decoder.num_heads={num_heads}"
+            )
+        self.grid_size = tuple(grid_size)
+        self.out_grid = scaled_grid(self.grid_size, scale)
+        self.scale = scale
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer(
+            "pos_embed", sincos_2d(dim, self.grid_size, cls_token=True), persistent=False
+        )
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = norm_layer(dim)
+        self.rescale, ch = rescale_head(dim, scale)
+        self.proj = nn.Conv2d(ch, out_dim, kernel_size=1)
+        # Linear/LayerNorm get the MAE init; the convs keep PyTorch's default init.
+        self.embed.apply(init_linear_and_norm)
+        self.blocks.apply(init_linear_and_norm)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Reconstruct a tap's targets on its grid.
+
+        Args:
+            x: (B, 1 + V, in_dim) normed tap output, cls first.
+            ids_restore: (B, L) from :func:`lmim.models.masking.mask_indices`.
+
+        Returns:
+            (B, h * w, out_dim) predictions on the (h, w) target grid, raster order.
+        """
+        x = self.embed(x)  # (B, 1 + V, dim)
+        B, L = ids_restore.shape
+        patches = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)
+        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # (B, 1 + L, dim)
+        x = self.norm(self.blocks(x))
+        h, w = self.grid_size
+        x = x[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # (B, dim, h, w)
+        x = self.proj(self.rescale(x))  # (B, out_dim, h * s, w * s)
+        return x.flatten(2).transpose(1, 2)

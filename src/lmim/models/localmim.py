@@ -1,0 +1,186 @@
+"""The LocalMIM pre-training model: encoder + per-tap norm and decoder + targets + loss."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmim.errors import ConfigError
+from lmim.losses import masked_mse, scale_mask
+from lmim.models.decoders import ViTLocalDecoder, scaled_grid
+from lmim.models.masking import check_mask_ratio, mask_indices, random_mask
+from lmim.targets.base import Target
+
+
+@dataclass
+class LocalMIMOutput:
+    """What one pre-training forward returns.
+
+    Attributes:
+        loss: scalar, the weighted sum of the per-tap losses.
+        losses: tap name -> scalar loss of that tap (unweighted).
+        preds: per tap, (B, N_k, D_k) predictions on the tap's target grid.
+        targets: per tap, (B, N_k, D_k) float32 targets.
+        weights: per tap, (B, N_k) loss weights of the cells.
+        mask: (B, L) bool patch mask used, True = masked, raster order.
+    """
+
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    preds: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    mask: torch.Tensor
+    grids: list[tuple[int, int]] = field(default_factory=list)
+
+
+def resolve_taps(taps: Sequence[int], depth: int) -> list[int]:
+    """Turn tap indices (negative counts from the end, as in Python) into sorted block indices."""
+    out = []
+    for t in taps:
+        t = int(t)
+        if not -depth <= t < depth:
+            raise ConfigError(
+                f"schedule.taps={list(taps)}: tap {t} is outside the encoder's {depth} blocks; "
+                f"use 0..{depth - 1} or -{depth}..-1 (e.g. schedule.taps=[1,3,-3,-1])"
+            )
+        out.append(t % depth)
+    if len(set(out)) != len(out):
+        raise ConfigError(
+            f"schedule.taps={list(taps)} resolve to {out} on a {depth}-block encoder: taps must "
+            "be distinct blocks; pick other schedule.taps for this depth"
+        )
+    if out != sorted(out):
+        raise ConfigError(
+            f"schedule.taps={list(taps)} resolve to {out}: list them from the lowest block up, "
+            "lower taps reconstructing finer scales"
+        )
+    return out
+
+
+class LocalMIM(nn.Module):
+    """Masked image modeling with local multi-scale reconstruction.
+
+    Args:
+        encoder: a masked encoder (e.g. :class:`lmim.models.MaskedViT`) with ``depth``,
+            ``embed_dim``, ``patch_size``, ``grid_size``, ``num_patches`` and ``feature_info``,
+            called as ``encoder(images, mask, taps, isolate_gradients)``.
+        target: builds the target module from ``cell_sizes`` (e.g. ``partial(HOG, nbins=9)``).
+        taps: encoder blocks whose outputs are decoded, lowest first; negative counts from the end.
+        scales: per tap, target grid / patch grid (powers of two). Cell size = patch / scale.
+        weights: per tap loss weight (default 1 each; LocalMIM sums the losses unweighted).
+        decoder: builds a tap's decoder from ``in_dim, out_dim, grid_size, scale`` plus width
+            keywords; defaults to :class:`ViTLocalDecoder`.
+        decoder_dim: decoder width, one int or one per tap.
+        decoder_heads: decoder attention heads, one int or one per tap.
+        decoder_depth: decoder transformer blocks.
+        mask_ratio: share of patches hidden from the encoder.
+        isolate_gradients: detach the encoder sequence after each tap (paper section 8).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        target: Callable[..., Target],
+        taps: Sequence[int] = (1, 3, -3, -1),
+        scales: Sequence[float] = (4, 2, 1, 0.5),
+        weights: Sequence[float] | None = None,
+        decoder: Callable[..., nn.Module] = ViTLocalDecoder,
+        decoder_dim: int | Sequence[int] = 256,
+        decoder_heads: int | Sequence[int] = 8,
+        decoder_depth: int = 1,
+        decoder_mlp_ratio: float = 4.0,
+        mask_ratio: float = 0.75,
+        isolate_gradients: bool = False,
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.taps = resolve_taps(taps, encoder.depth)
+        n = len(self.taps)
+        self.scales = [float(s) for s in scales]
+        self.loss_weights = [1.0] * n if weights is None else [float(w) for w in weights]
+        if len(self.scales) != n or len(self.loss_weights) != n:
+            raise ConfigError(
+                f"schedule.taps has {n} entries but schedule.scales has {len(self.scales)} and "
+                f"schedule.weights {len(self.loss_weights)}: give one scale and weight per tap"
+            )
+        self.mask_ratio = check_mask_ratio(mask_ratio)
+        self.isolate_gradients = bool(isolate_gradients)
+        grid = tuple(encoder.grid_size)
+        self.grids = [scaled_grid(grid, s) for s in self.scales]
+        self.cell_sizes = [encoder.patch_size / s for s in self.scales]
+        self.target = target(cell_sizes=self.cell_sizes)
+        info = encoder.feature_info
+        self.tap_names = [info[t]["name"] for t in self.taps]
+        dims = _per_tap(decoder_dim, n, "model.decoder.dim")
+        heads = _per_tap(decoder_heads, n, "model.decoder.num_heads")
+        self.norms = nn.ModuleList(nn.LayerNorm(info[t]["num_chs"], eps=1e-6) for t in self.taps)
+        self.decoders = nn.ModuleList(
+            decoder(
+                in_dim=info[t]["num_chs"],
+                out_dim=self.target.dims[k],
+                grid_size=grid,
+                scale=self.scales[k],
+                dim=dims[k],
+                depth=decoder_depth,
+                num_heads=heads[k],
+                mlp_ratio=decoder_mlp_ratio,
+            )
+            for k, t in enumerate(self.taps)
+        )
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.num_patches
+
+    def random_mask(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, L) bool per-sample random mask at the configured ratio, True = masked."""
+        return random_mask(batch, self.num_patches, self.mask_ratio, device=device)
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> LocalMIMOutput:
+        """One pre-training forward.
+
+        Args:
+            images: (B, 3, H, W) ImageNet-normalised images.
+            mask: (B, L) patch mask, 1/True = masked, raster order, used as given; every row
+                must mask the same number of patches. None draws a random mask per sample.
+
+        Returns:
+            :class:`LocalMIMOutput` with the total loss, per-tap losses, predictions, targets,
+            cell weights and the mask.
+        """
+        if mask is None:
+            mask = self.random_mask(images.shape[0], images.device)
+        elif mask.shape != (images.shape[0], self.num_patches):
+            raise ConfigError(
+                f"mask has shape {tuple(mask.shape)}, expected (batch, patches) = "
+                f"({images.shape[0]}, {self.num_patches})"
+            )
+        mask = mask.to(device=images.device, dtype=torch.bool)
+        _, ids_restore = mask_indices(mask)
+        feats = self.encoder(images, mask, self.taps, self.isolate_gradients)
+        targets = self.target(images)
+        preds, weights, losses = [], [], {}
+        total = images.new_zeros((), dtype=torch.float32)
+        grid = tuple(self.encoder.grid_size)
+        for k, name in enumerate(self.tap_names):
+            pred = self.decoders[k](self.norms[k](feats[k]), ids_restore)
+            w = scale_mask(mask, grid, self.scales[k])
+            loss = masked_mse(pred, targets[k], w)
+            losses[name] = loss
+            total = total + self.loss_weights[k] * loss
+            preds.append(pred)
+            weights.append(w)
+        return LocalMIMOutput(total, losses, preds, targets, weights, mask, list(self.grids))
+
+
+def _per_tap(value: int | Sequence[int], n: int, key: str) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = [int(v) for v in value]
+    if len(value) != n:
+        raise ConfigError(f"{key}={value} needs one entry per tap ({n}) or a single number")
+    return value

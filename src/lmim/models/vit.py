@@ -1,0 +1,157 @@
+"""Columnar encoder: a ViT built from timm's modules that encodes only the visible patches."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from lmim.errors import ConfigError
+from lmim.models.masking import mask_indices
+from lmim.models.pos_embed import sincos_2d
+
+
+def init_linear_and_norm(module: nn.Module) -> None:
+    """MAE/LocalMIM init: Linear xavier-uniform with zero bias, LayerNorm (1, 0). Convs untouched."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class MaskedViT(nn.Module):
+    """ViT encoder (MAE style) that encodes only visible patches and returns tapped layers.
+
+    Parameter names match ``timm.models.vision_transformer.VisionTransformer`` (``patch_embed``,
+    ``cls_token``, ``pos_embed``, ``blocks``), so the weights load into timm; see
+    :func:`lmim.export.encoder_state_dict`. There is no final norm: every tapped layer gets its
+    own LayerNorm in the pre-training model.
+
+    Args:
+        img_size: input side in pixels (square), a multiple of ``patch_size``.
+        patch_size: patch side in pixels.
+        in_chans: input channels.
+        embed_dim: token width.
+        depth: number of transformer blocks.
+        num_heads: attention heads per block.
+        mlp_ratio: MLP hidden width / embed_dim.
+        qkv_bias: bias on the qkv projection.
+        drop_path_rate: stochastic depth (0 in pre-training).
+        timm_name: the timm model this encoder's weights load into (used by the exporter).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        timm_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        if img_size % patch_size:
+            raise ConfigError(
+                f"data.img_size={img_size} is not divisible by model.encoder.patch_size="
+                f"{patch_size}: use a multiple of {patch_size} "
+                f"(e.g. data.img_size={max(patch_size, img_size // patch_size * patch_size)})"
+            )
+        if embed_dim % num_heads:
+            raise ConfigError(
+                f"model.encoder.embed_dim={embed_dim} is not divisible by "
+                f"model.encoder.num_heads={num_heads}"
+            )
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.embed_dim = embed_dim
+        self.depth = depth
+        self.num_heads = num_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.timm_name = timm_name
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed (not learned) 2-D sin-cos position embedding with a zero row for cls.
+        self.register_buffer("pos_embed", sincos_2d(embed_dim, self.grid_size, cls_token=True))
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    drop_path=dpr[i],
+                    norm_layer=norm_layer,
+                )
+                for i in range(depth)
+            ]
+        )
+        self.feature_info = [
+            dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}", name=f"block{i}")
+            for i in range(depth)
+        ]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.blocks.apply(init_linear_and_norm)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        taps: list[int] | None = None,
+        isolate_gradients: bool = False,
+    ) -> list[torch.Tensor]:
+        """Encode the visible patches and return the outputs of the tapped blocks.
+
+        Args:
+            images: (B, C, H, W) normalised images.
+            mask: (B, L) bool, True = masked, raster order; None keeps every patch.
+            taps: 0-indexed block indices, ascending; None returns the last block only.
+            isolate_gradients: detach the sequence after each tap, so every segment of blocks
+                learns only from the losses of its own tap (LocalMIM's gradient-isolated variant).
+
+        Returns:
+            One (B, 1 + V, D) tensor per tap (cls first, then the V visible tokens in raster
+            order). Blocks after the last tap are not run.
+        """
+        taps = [self.depth - 1] if taps is None else list(taps)
+        x = self.patch_embed(images)  # (B, L, D)
+        x = x + self.pos_embed[:, 1:]
+        if mask is not None:
+            ids_keep, _ = mask_indices(mask)
+            x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, V, D)
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1)
+        outs = []
+        tap_set = set(taps)
+        for i in range(taps[-1] + 1):
+            x = self.blocks[i](x)
+            if i in tap_set:
+                outs.append(x)
+                if isolate_gradients:
+                    x = x.detach()
+        return outs

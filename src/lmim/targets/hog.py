@@ -1,0 +1,121 @@
+"""Histogram-of-oriented-gradients target (LocalMIM section 3.2)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from lmim.targets.base import Target, cell_grid
+
+
+def pool_cells(x: torch.Tensor, cell: float) -> torch.Tensor:
+    """Average over non-overlapping ``cell`` x ``cell`` pixel cells.
+
+    Args:
+        x: (B, C, H, W).
+        cell: cell side; a non-integer side (e.g. 3.5 px for 14-px patches at scale 4) uses
+            adaptive pooling, whose cells are 3 or 4 px wide and overlap by at most a pixel.
+
+    Returns:
+        (B, C, H / cell, W / cell).
+    """
+    if float(cell) == int(cell):
+        return F.avg_pool2d(x, int(cell), stride=int(cell))
+    return F.adaptive_avg_pool2d(x, cell_grid(tuple(x.shape[-2:]), cell, "HOG"))
+
+
+class HOG(Target):
+    """HOG features per colour channel, pooled over cells of several sizes.
+
+    For each colour channel: Sobel gradients (reflect padding), magnitude, unsigned orientation
+    ``atan2(g_lr, g_tb)`` hard-assigned to one of ``nbins`` bins of width pi / nbins, average
+    pooling of each bin over cells, L2 normalisation over the bins of a cell (an all-zero cell
+    stays zero). Output per cell: ``[R bins, G bins, B bins]``, width 3 * nbins.
+
+    The per-pixel histogram is computed once and pooled at every cell size (coarser cells pool the
+    finer pooled map when they nest); the released code recomputed it for every scale and channel.
+
+    Args:
+        nbins: orientation bins over [0, pi) (9 or 18 in LocalMIM).
+        cell_sizes: cell side in pixels per output (ViT: 4, 8, 16, 32; Swin: 8, 16, 32, 32).
+        bias: add a frozen random bias to the two Sobel responses, drawn once per cell size
+            from U(-1/3, 1/3) like PyTorch's Conv2d bias init and stored in the state dict
+            (LocalMIM's ``hog_bias``). With it the target depends on the input normalisation.
+        in_chans: image channels, each histogrammed separately.
+    """
+
+    def __init__(
+        self,
+        nbins: int = 9,
+        cell_sizes: Sequence[float] = (4, 8, 16, 32),
+        bias: bool = False,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__(cell_sizes)
+        if nbins < 1:
+            raise ValueError(f"target.nbins={nbins} must be >= 1")
+        self.nbins = nbins
+        self.in_chans = in_chans
+        self.use_bias = bias
+        k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])  # left - right
+        self.register_buffer("sobel", torch.stack([k0, k0.T]).unsqueeze(1), persistent=False)
+        if bias:
+            self.register_buffer("bias", torch.empty(len(self.cell_sizes), 2).uniform_(-1 / 3, 1 / 3))
+        else:
+            self.bias = None
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.in_chans * self.nbins] * len(self.cell_sizes)
+
+    def gradients(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B * C, 2, H, W) Sobel responses (left-right, top-bottom)."""
+        B, C, H, W = images.shape
+        x = F.pad(images.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect")
+        return F.conv2d(x, self.sobel)
+
+    def histogram(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B * C, 2, H, W) gradients -> (B, C * nbins, H, W) hard-assigned magnitudes."""
+        g0, g1 = grad[:, 0], grad[:, 1]
+        mag = torch.sqrt(g0 * g0 + g1 * g1)
+        phase = torch.atan2(g0, g1)
+        idx = torch.floor(phase * (self.nbins / math.pi)).long().remainder_(self.nbins)
+        hist = torch.zeros(
+            grad.shape[0], self.nbins, *grad.shape[-2:], dtype=grad.dtype, device=grad.device
+        )
+        hist.scatter_(1, idx.unsqueeze(1), mag.unsqueeze(1))
+        return hist.reshape(batch, -1, *grad.shape[-2:])
+
+    def normalize(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(B, C * nbins, h, w) -> (B, h * w, C * nbins), L2-normalised per colour channel."""
+        B, _, h, w = pooled.shape
+        x = pooled.reshape(B, self.in_chans, self.nbins, h, w)
+        x = F.normalize(x, p=2.0, dim=2, eps=1e-12)
+        return x.reshape(B, -1, h * w).transpose(1, 2)
+
+    def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
+        B = images.shape[0]
+        for cell in self.cell_sizes:
+            cell_grid(tuple(images.shape[-2:]), cell, "HOG target")
+        grad = self.gradients(images)
+        outs: list[torch.Tensor] = []
+        if self.bias is None:
+            # One histogram for every scale; nested cells pool from the finer pooled map.
+            hist = self.histogram(grad, B)
+            pooled: dict[float, torch.Tensor] = {}
+            for cell in self.cell_sizes:
+                if cell not in pooled:
+                    src, src_cell = hist, 1
+                    for c, p in pooled.items():
+                        if c > src_cell and float(cell / c).is_integer() and float(c).is_integer():
+                            src, src_cell = p, c
+                    pooled[cell] = pool_cells(src, cell / src_cell)
+                outs.append(self.normalize(pooled[cell]))
+            return outs
+        for k, cell in enumerate(self.cell_sizes):
+            biased = grad + self.bias[k].view(1, 2, 1, 1)
+            outs.append(self.normalize(pool_cells(self.histogram(biased, B), cell)))
+        return outs
