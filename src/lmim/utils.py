@@ -1,0 +1,94 @@
+"""Small helpers used by the entry points: config location, loggers, W&B mode, strategies."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("lmim")
+
+
+def config_dir() -> Path:
+    """The Hydra config folder: ``conf/`` of a checkout, or ``lmim/conf`` inside a wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parents[1] / "conf", here / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"lmim's Hydra configs are missing: looked for {here.parents[1] / 'conf'} and "
+        f"{here / 'conf'}; reinstall lmim"
+    )
+
+
+def wandb_has_key() -> bool:
+    """True when W&B can log online: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].rstrip("/")
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def build_loggers(cfg: DictConfig | None) -> list:
+    """Instantiate the ``logger`` group; W&B goes offline (one line says so) without an API key."""
+    if not cfg:
+        return []
+    loggers = []
+    for name, node in cfg.items():
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        kwargs: dict[str, Any] = {}
+        if node._target_.endswith("WandbLogger"):
+            mode = os.environ.get("WANDB_MODE", "").lower()
+            if mode in ("offline", "disabled", "dryrun") or not wandb_has_key():
+                kwargs["offline"] = True
+                if mode != "disabled":
+                    log.warning(
+                        "W&B: no API key found, logging offline to %s/wandb; upload later with "
+                        "`wandb sync %s/wandb/offline-run-*` (or run `wandb login` first)",
+                        node.save_dir,
+                        node.save_dir,
+                    )
+            Path(node.save_dir).mkdir(parents=True, exist_ok=True)
+        loggers.append(instantiate(node, **kwargs))
+        log.info("logger %s: %s", name, node._target_)
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig | None) -> list:
+    """Instantiate every node of the ``callbacks`` group that has a ``_target_``."""
+    if not cfg:
+        return []
+    return [
+        instantiate(node)
+        for node in cfg.values()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
+
+
+def fsdp_strategy(wrap: list[str], **kwargs):
+    """Lightning's FSDPStrategy wrapping every module of the named classes (e.g. timm Blocks)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return FSDPStrategy(auto_wrap_policy={get_class(c) for c in wrap}, **kwargs)
+
+
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the W&B run if one is open (always called, also when training fails)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)
+
+
+def to_container(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
