@@ -32,8 +32,9 @@ def hog_glyphs(nbins: int, size: int) -> np.ndarray:
     return glyphs
 
 
-def hog_picture(feats: torch.Tensor | np.ndarray, grid: tuple[int, int], nbins: int,
-                cell_px: int = 12) -> np.ndarray:
+def hog_picture(
+    feats: torch.Tensor | np.ndarray, grid: tuple[int, int], nbins: int, cell_px: int = 12
+) -> np.ndarray:
     """Render HOG cells as oriented strokes (brighter = stronger), averaged over colours.
 
     Args:
@@ -48,7 +49,11 @@ def hog_picture(feats: torch.Tensor | np.ndarray, grid: tuple[int, int], nbins: 
     f = torch.as_tensor(feats).float().cpu().numpy()
     h, w = grid
     f = f.reshape(h, w, -1, nbins).clip(min=0).mean(axis=2)  # (h, w, nbins)
-    img = np.einsum("hwb,byx->hywx", f, hog_glyphs(nbins, cell_px)).reshape(h * cell_px, -1)
+    # Max over bins, not sum: every glyph crosses the cell centre, and a sum would turn it into
+    # a bright dot that hides the orientations.
+    glyphs = hog_glyphs(nbins, cell_px)
+    img = (f[:, :, :, None, None] * glyphs[None, None]).max(axis=2)  # (h, w, S, S)
+    img = img.transpose(0, 2, 1, 3).reshape(h * cell_px, w * cell_px)
     top = img.max()
     return img / top if top > 0 else img
 
@@ -113,7 +118,10 @@ def reconstruction_figure(
     fig, axes = plt.subplots(B, cols, figsize=(1.9 * cols, 1.95 * B + 0.4), squeeze=False)
     for b in range(B):
         img = images[b].permute(1, 2, 0).float().cpu().numpy()
-        panels = [(img, "input", None), (masked_image(img, mask[b].cpu(), patch_grid), "mask", None)]
+        panels = [
+            (img, "input", None),
+            (masked_image(img, mask[b].cpu(), patch_grid), "mask", None),
+        ]
         for k, name in enumerate(tap_names):
             for what, src in (("target", targets[k]), ("pred", preds[k])):
                 if target_kind == "hog":

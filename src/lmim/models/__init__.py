@@ -5,4 +5,11 @@ from lmim.models.localmim import LocalMIM, LocalMIMOutput
 from lmim.models.masking import mask_indices, random_mask
 from lmim.models.vit import MaskedViT
 
-__all__ = ["LocalMIM", "LocalMIMOutput", "MaskedViT", "ViTLocalDecoder", "mask_indices", "random_mask"]
+__all__ = [
+    "LocalMIM",
+    "LocalMIMOutput",
+    "MaskedViT",
+    "ViTLocalDecoder",
+    "mask_indices",
+    "random_mask",
+]

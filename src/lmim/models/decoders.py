@@ -33,7 +33,9 @@ def scale_exponent(scale: float, key: str = "schedule.scales") -> int:
     return int(round(k))
 
 
-def scaled_grid(grid: tuple[int, int], scale: float, key: str = "schedule.scales") -> tuple[int, int]:
+def scaled_grid(
+    grid: tuple[int, int], scale: float, key: str = "schedule.scales"
+) -> tuple[int, int]:
     """The target grid of a tap: the patch grid times its scale, which must be whole."""
     k = scale_exponent(scale, key)
     if k >= 0:

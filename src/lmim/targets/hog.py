@@ -63,7 +63,9 @@ class HOG(Target):
         k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])  # left - right
         self.register_buffer("sobel", torch.stack([k0, k0.T]).unsqueeze(1), persistent=False)
         if bias:
-            self.register_buffer("bias", torch.empty(len(self.cell_sizes), 2).uniform_(-1 / 3, 1 / 3))
+            self.register_buffer(
+                "bias", torch.empty(len(self.cell_sizes), 2).uniform_(-1 / 3, 1 / 3)
+            )
         else:
             self.bias = None
 

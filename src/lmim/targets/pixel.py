@@ -36,7 +36,10 @@ class NormalizedPixels(Target):
     """
 
     def __init__(
-        self, cell_sizes: Sequence[float] = (4, 8, 16, 32), normalize: bool = True, in_chans: int = 3
+        self,
+        cell_sizes: Sequence[float] = (4, 8, 16, 32),
+        normalize: bool = True,
+        in_chans: int = 3,
     ) -> None:
         super().__init__(cell_sizes)
         for c in self.cell_sizes:
