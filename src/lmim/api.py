@@ -7,11 +7,10 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from lmim.errors import ConfigError
-from lmim.utils import config_dir
+from lmim.utils import config_dir, instantiate_checked
 
 # Where a keyword of create_pretrainer is looked up, in order.
 _SECTIONS = ("model", "model.encoder", "target", "schedule", "data")
@@ -72,4 +71,4 @@ def create_pretrainer(
     with open_dict(cfg):
         for key, value in options.items():
             _set(cfg, key, value)
-    return instantiate(cfg.model)
+    return instantiate_checked(cfg.model)

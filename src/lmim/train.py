@@ -19,16 +19,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from lmim.errors import ConfigError
 from lmim.module import LocalMIMModule
-from lmim.utils import build_callbacks, build_loggers, config_dir, finish_wandb, to_container
+from lmim.utils import (
+    build_callbacks,
+    build_loggers,
+    config_dir,
+    finish_wandb,
+    instantiate_checked,
+    to_container,
+)
 
 log = logging.getLogger("lmim")
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LocalMIMModule]:
     """Instantiate and check the data and the model; raises ConfigError before any training."""
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data)
     datamodule.validate()
-    net = instantiate(cfg.model)
+    net = instantiate_checked(cfg.model)
     module = LocalMIMModule(
         net=net,
         optimizer=instantiate(cfg.optim.optimizer),
@@ -61,7 +68,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule, module = build(cfg)
     callbacks = build_callbacks(cfg.get("callbacks"))
     loggers = build_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate_checked(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
     exit_code = 1
     try:
         for lg in trainer.loggers:

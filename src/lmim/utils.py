@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
+
+from lmim.errors import ConfigError
 
 log = logging.getLogger("lmim")
 
@@ -24,6 +27,20 @@ def config_dir() -> Path:
         f"lmim's Hydra configs are missing: looked for {here.parents[1] / 'conf'} and "
         f"{here / 'conf'}; reinstall lmim"
     )
+
+
+def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets lmim's ConfigError through unwrapped, so the user
+    sees the one-line message naming the key instead of Hydra's instantiation traceback."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, ConfigError):
+                raise cause from None
+            cause = cause.__cause__
+        raise
 
 
 def wandb_has_key() -> bool:
@@ -58,7 +75,7 @@ def build_loggers(cfg: DictConfig | None) -> list:
                         node.save_dir,
                     )
             Path(node.save_dir).mkdir(parents=True, exist_ok=True)
-        loggers.append(instantiate(node, **kwargs))
+        loggers.append(instantiate_checked(node, **kwargs))
         log.info("logger %s: %s", name, node._target_)
     return loggers
 
@@ -68,7 +85,7 @@ def build_callbacks(cfg: DictConfig | None) -> list:
     if not cfg:
         return []
     return [
-        instantiate(node)
+        instantiate_checked(node)
         for node in cfg.values()
         if isinstance(node, DictConfig) and "_target_" in node
     ]

@@ -1,0 +1,55 @@
+"""Shared fixtures: the real Hydra config, composed with tiny models on the CPU."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from lmim.utils import config_dir
+
+# Tests never talk to the W&B servers: offline runs are real runs written to disk.
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+os.environ.pop("WANDB_API_KEY", None)
+
+
+@pytest.fixture
+def make_cfg(tmp_path) -> Callable[..., DictConfig]:
+    """Compose ``conf/train.yaml`` with overrides, as ``python -m lmim.train`` would.
+
+    The Hydra runtime (run name, choices) is set, and outputs go to a per-test folder.
+    """
+
+    def _make(overrides: Sequence[str] = (), output_dir=None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+        out = str(output_dir or tmp_path / "run")
+        with open_dict(cfg):
+            cfg.paths.output_dir = out
+            cfg.hydra.runtime.output_dir = out
+            cfg.hydra.job.num = 0
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+# A fast training config: the 8-block test ViT on the embedded photos at 64 px.
+TINY_MODEL = [
+    "model=vit_test",
+    "data.img_size=64",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer=cpu",
+    "logger=csv",
+]
+TINY = [*TINY_MODEL, "data=demo", "data.samples_per_epoch=32"]

@@ -1,0 +1,302 @@
+"""Tests of the reconstruction targets: HOG (section 3.2) and normalised pixels (section 3.3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmim.errors import ConfigError
+from lmim.targets import HOG, NormalizedPixels, patchify, unpatchify
+
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+CELLS = (4, 8, 16, 32)
+
+
+def _cells(out: torch.Tensor, size: int, cell: int, nbins: int) -> torch.Tensor:
+    """(1, N, 3 * nbins) cells in raster order -> (rows, cols, 3, nbins)."""
+    n = size // cell
+    return out.reshape(n, n, 3, nbins)
+
+
+def _touches(index: int, cell: int, edge: int) -> bool:
+    """Whether cell ``index`` holds pixel ``edge - 1`` or ``edge`` (the two that see a step)."""
+    lo, hi = index * cell, (index + 1) * cell
+    return lo <= edge - 1 < hi or lo <= edge < hi
+
+
+def reference_hog(
+    image: np.ndarray, nbins: int, cell: int, offsets: tuple[float, float] = (0.0, 0.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Slow float64 HOG of one (C, H, W) image, written from the method description.
+
+    Sobel responses come from explicit neighbour sums on the reflect-padded channel, plus the
+    constant ``offsets`` (the hog_bias). Hard binning, mean over cells, L2 over the bins.
+
+    Returns:
+        (rows * cols, C * nbins) features, and a (C, H, W) bool map of pixels whose orientation
+        lies within 1e-5 bin widths of a bin boundary (float32 rounding may bin those either way),
+        except where g0 is exactly zero (theta 0 or +-pi: bin 0 whatever the rounding).
+    """
+    C, H, W = image.shape
+    b0, b1 = offsets
+    feats, ambiguous = [], []
+    for c in range(C):
+        p = np.pad(image[c].astype(np.float64), 1, mode="reflect")
+
+        def at(dy: int, dx: int, p: np.ndarray = p) -> np.ndarray:
+            return p[1 + dy : 1 + dy + H, 1 + dx : 1 + dx + W]
+
+        left = at(-1, -1) + 2 * at(0, -1) + at(1, -1)
+        right = at(-1, 1) + 2 * at(0, 1) + at(1, 1)
+        top = at(-1, -1) + 2 * at(-1, 0) + at(-1, 1)
+        bottom = at(1, -1) + 2 * at(1, 0) + at(1, 1)
+        g0, g1 = left - right + b0, top - bottom + b1
+        mag = np.sqrt(g0**2 + g1**2)
+        pos = np.arctan2(g0, g1) * nbins / math.pi
+        # g0 == 0 exactly (left/right borders under reflect padding) is bin 0 either way.
+        ambiguous.append((np.abs(pos - np.round(pos)) < 1e-5) & (g0 != 0))
+        idx = np.mod(np.floor(pos).astype(np.int64), nbins)
+        hist = np.zeros((nbins, H, W))
+        for b in range(nbins):
+            hist[b] = np.where(idx == b, mag, 0.0)
+        rows, cols = H // cell, W // cell
+        pooled = hist.reshape(nbins, rows, cell, cols, cell).mean(axis=(2, 4))
+        norm = np.sqrt((pooled**2).sum(axis=0, keepdims=True))
+        pooled = pooled / np.maximum(norm, 1e-12)
+        feats.append(pooled.reshape(nbins, rows * cols).T)
+    return np.concatenate(feats, axis=1), np.stack(ambiguous)
+
+
+@pytest.mark.parametrize("nbins", [9, 18])
+@pytest.mark.parametrize("dark_left", [True, False])
+def test_hog_vertical_edge_lands_in_middle_bin(nbins: int, dark_left: bool) -> None:
+    """A vertical step has theta = -+pi/2, i.e. bin floor(nbins/2), in the edge cells only."""
+    size, edge = 64, 20  # columns 19 and 20 see the step
+    img = torch.zeros(1, 3, size, size)
+    img[..., edge:] = 1.0
+    if not dark_left:
+        img = 1.0 - img
+    outs = HOG(nbins=nbins, cell_sizes=CELLS)(img)
+    for cell, out in zip(CELLS, outs, strict=True):
+        got = _cells(out, size, cell, nbins)
+        expected = torch.zeros_like(got)
+        for j in range(size // cell):
+            if _touches(j, cell, edge):
+                expected[:, j, :, nbins // 2] = 1.0
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("nbins", [9, 18])
+@pytest.mark.parametrize("dark_top", [True, False])
+def test_hog_horizontal_edge_lands_in_bin_zero(nbins: int, dark_top: bool) -> None:
+    """A horizontal step has g0 = 0, theta = 0 or +-pi, which wraps to bin 0."""
+    size, edge = 64, 20
+    img = torch.zeros(1, 3, size, size)
+    img[..., edge:, :] = 1.0
+    if not dark_top:
+        img = 1.0 - img
+    outs = HOG(nbins=nbins, cell_sizes=CELLS)(img)
+    for cell, out in zip(CELLS, outs, strict=True):
+        got = _cells(out, size, cell, nbins)
+        expected = torch.zeros_like(got)
+        for i in range(size // cell):
+            if _touches(i, cell, edge):
+                expected[i, :, :, 0] = 1.0
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+def test_hog_constant_image_is_zero() -> None:
+    """A constant image has no gradient, so every cell of every scale is exactly zero."""
+    img = torch.full((2, 3, 64, 64), 0.3)
+    img[1] = -1.2
+    for out in HOG(cell_sizes=CELLS)(img):
+        assert out.shape[-1] == 27
+        assert out.abs().max().item() == 0.0
+
+
+def test_hog_cells_have_unit_norm_per_channel() -> None:
+    """Each non-empty cell's nbins vector has L2 norm 1 separately for R, G and B."""
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 64, 64)
+    img[0, 1, :32, :32] = 0.5  # a flat green quadrant: its inner cells must stay zero
+    outs = HOG(nbins=9, cell_sizes=CELLS)(img)
+    for cell, out in zip(CELLS, outs, strict=True):
+        norms = out.reshape(*out.shape[:2], 3, 9).norm(dim=-1)  # (B, N, 3)
+        nonempty = norms > 0
+        assert nonempty.float().mean() > 0.9
+        torch.testing.assert_close(
+            norms[nonempty], torch.ones_like(norms[nonempty]), atol=1e-5, rtol=0
+        )
+        inner = (32 - 1) // cell  # cells strictly inside the flat quadrant
+        if inner:
+            n = 64 // cell
+            green = norms[0, :, 1].reshape(n, n)[:inner, :inner]
+            assert green.abs().max().item() == 0.0
+            red = norms[0, :, 0].reshape(n, n)[:inner, :inner]
+            torch.testing.assert_close(red, torch.ones_like(red), atol=1e-5, rtol=0)
+
+
+def test_hog_without_bias_is_invariant_to_normalisation() -> None:
+    """Without bias, HOG of the ImageNet-normalised image equals HOG of the raw image.
+
+    Per channel the affine map scales both Sobel responses by 1/std: the angle is unchanged and
+    the L2 normalisation removes the scale. Float rounding can move a pixel whose angle lies
+    exactly on a bin boundary to the neighbouring bin; on continuous random pixels this is
+    vanishingly rare, so at most 0.1 % of the cell values may differ.
+    """
+    torch.manual_seed(0)
+    raw = torch.rand(2, 3, 224, 224)
+    hog = HOG(nbins=9, cell_sizes=CELLS)
+    for a, b in zip(hog(raw), hog((raw - MEAN) / STD), strict=True):
+        close = torch.isclose(a, b, atol=1e-4, rtol=1e-4)
+        assert close.float().mean().item() > 0.999
+
+
+def test_hog_bias_buffer_and_no_invariance() -> None:
+    """bias=True: a frozen (scales, 2) buffer in [-1/3, 1/3] per scale; normalisation matters."""
+    torch.manual_seed(0)
+    hog = HOG(nbins=9, cell_sizes=CELLS, bias=True)
+    assert tuple(hog.bias.shape) == (4, 2)
+    assert not hog.bias.requires_grad
+    assert list(hog.parameters()) == []
+    assert hog.bias.min() >= -1 / 3 and hog.bias.max() <= 1 / 3
+    assert hog.bias.abs().max() > 0
+    sd = hog.state_dict()
+    assert "bias" in sd
+    torch.testing.assert_close(sd["bias"], hog.bias)
+    assert len({tuple(r) for r in hog.bias.tolist()}) == 4  # every scale has its own bias
+
+    raw = torch.rand(1, 3, 64, 64)
+    for a, b in zip(hog(raw), hog((raw - MEAN) / STD), strict=True):
+        assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_hog_bias_on_constant_image() -> None:
+    """With bias a constant image's gradient is the bias itself: bin floor(atan2(b0, b1)...)."""
+    torch.manual_seed(3)
+    hog = HOG(nbins=9, cell_sizes=CELLS, bias=True)
+    outs = hog(torch.full((1, 3, 64, 64), 0.7))
+    for k, out in enumerate(outs):
+        b0, b1 = hog.bias[k].tolist()
+        expected = torch.zeros(out.shape[1], 3, 9)
+        expected[..., math.floor(math.atan2(b0, b1) * 9 / math.pi) % 9] = 1.0
+        torch.testing.assert_close(out[0].reshape(-1, 3, 9), expected)
+
+
+def test_hog_shapes_at_224() -> None:
+    """ViT cells 4, 8, 16, 32 on 224 px give 56^2, 28^2, 14^2, 7^2 cells of 27 dims."""
+    hog = HOG(nbins=9, cell_sizes=CELLS)
+    assert hog.dims == [27] * 4
+    outs = hog(torch.rand(2, 3, 224, 224))
+    assert [tuple(o.shape) for o in outs] == [(2, n, 27) for n in (3136, 784, 196, 49)]
+    assert all(o.dtype == torch.float32 for o in outs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_hog_matches_slow_reference(bias: bool) -> None:
+    """Every scale (shared nested pooling, or the per-scale biased path) equals a float64 reference.
+
+    (cell, channel) blocks holding a pixel within 1e-5 bin widths of a bin boundary are skipped:
+    there float32 and float64 may legitimately pick neighbouring bins.
+    """
+    torch.manual_seed(1)
+    img = torch.randn(2, 3, 224, 224)
+    hog = HOG(nbins=9, cell_sizes=CELLS, bias=bias)
+    outs = hog(img)
+    for k, (cell, out) in enumerate(zip(CELLS, outs, strict=True)):
+        offsets = tuple(hog.bias[k].double().tolist()) if bias else (0.0, 0.0)
+        n = 224 // cell
+        for b in range(img.shape[0]):
+            ref, amb = reference_hog(img[b].double().numpy(), 9, cell, offsets)
+            amb_cells = amb.reshape(3, n, cell, n, cell).any(axis=(2, 4)).reshape(3, n * n).T
+            assert amb.mean() < 1e-4 and amb_cells.mean() < 0.05
+            got = out[b].double().numpy().reshape(n * n, 3, 9)
+            want = ref.reshape(n * n, 3, 9)
+            np.testing.assert_allclose(got[~amb_cells], want[~amb_cells], atol=2e-5, rtol=1e-4)
+
+
+def test_hog_non_integer_cell_grid() -> None:
+    """A 3.5-px cell (ViT-H/14 at scale 4) tiles a 224 image with a 64 x 64 grid."""
+    torch.manual_seed(0)
+    hog = HOG(nbins=9, cell_sizes=(3.5, 7, 14, 28))
+    outs = hog(torch.rand(1, 3, 224, 224))
+    assert [tuple(o.shape) for o in outs] == [(1, n * n, 27) for n in (64, 32, 16, 8)]
+    norms = outs[0].reshape(-1, 3, 9).norm(dim=-1)
+    torch.testing.assert_close(norms, torch.ones_like(norms), atol=1e-5, rtol=0)
+
+
+def test_hog_is_float32_under_autocast() -> None:
+    """Under bfloat16 autocast the HOG is still computed in float32 and unchanged."""
+    torch.manual_seed(0)
+    img = torch.randn(1, 3, 64, 64)
+    hog = HOG(nbins=9, cell_sizes=CELLS)
+    plain = hog(img)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = hog(img)
+        from_bf16 = hog(img.bfloat16())
+    upcast = hog(img.bfloat16().float())
+    for a, b, c, d in zip(plain, auto, from_bf16, upcast, strict=True):
+        assert b.dtype == torch.float32 and c.dtype == torch.float32
+        torch.testing.assert_close(b, a, atol=0, rtol=0)
+        torch.testing.assert_close(c, d, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cell", [2, 4, 8])
+def test_pixels_dims_and_feature_order(cell: int) -> None:
+    """NormalizedPixels has 3 c^2 dims ordered (row-in-patch, col-in-patch, channel)."""
+    B, H, W = 2, 8, 16
+    b, c, y, x = torch.meshgrid(
+        torch.arange(B), torch.arange(3), torch.arange(H), torch.arange(W), indexing="ij"
+    )
+    img = (1000 * b + 100 * c + 10 * y + x).float() / 1000.0  # every value distinct
+    target = NormalizedPixels(cell_sizes=(cell,), normalize=False)
+    assert target.dims == [3 * cell * cell]
+    (out,) = target(img)
+    rows, cols = H // cell, W // cell
+    assert tuple(out.shape) == (B, rows * cols, 3 * cell * cell)
+    for bi in range(B):
+        for pr in range(rows):
+            for pc in range(cols):
+                expected = [
+                    img[bi, ch, pr * cell + r, pc * cell + q].item()
+                    for r in range(cell)
+                    for q in range(cell)
+                    for ch in range(3)
+                ]
+                torch.testing.assert_close(out[bi, pr * cols + pc], torch.tensor(expected))
+
+
+def test_pixels_normalised_per_patch() -> None:
+    """normalize=True gives every patch mean 0 and unbiased std ~1 (1e-6 inside the sqrt)."""
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 32, 32) * 3 + 1
+    target = NormalizedPixels(cell_sizes=(4, 8, 16, 32), normalize=True)
+    assert target.dims == [48, 192, 768, 3072]
+    for cell, out in zip((4, 8, 16, 32), target(img), strict=True):
+        raw = patchify(img, cell)
+        assert out.shape == raw.shape
+        torch.testing.assert_close(out.mean(-1), torch.zeros(out.shape[:2]), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.std(-1), torch.ones(out.shape[:2]), atol=1e-4, rtol=0)
+        # the normalisation is an increasing affine map of each patch
+        expected = (raw - raw.mean(-1, keepdim=True)) / raw.std(-1, keepdim=True)
+        torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("p", [1, 4, 16])
+def test_patchify_unpatchify_round_trip(p: int) -> None:
+    """unpatchify(patchify(x)) returns x exactly."""
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 32, 48)
+    x = patchify(img, p)
+    assert tuple(x.shape) == (2, (32 // p) * (48 // p), p * p * 3)
+    torch.testing.assert_close(unpatchify(x, p, (32 // p, 48 // p), chans=3), img, atol=0, rtol=0)
+
+
+def test_pixels_non_integer_cell_raises() -> None:
+    """Pixel targets need whole-pixel cells: 3.5 px raises ConfigError."""
+    with pytest.raises(ConfigError, match="3.5"):
+        NormalizedPixels(cell_sizes=(3.5, 7, 14, 28))

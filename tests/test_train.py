@@ -1,0 +1,208 @@
+"""Training through the real composed config, real Lightning Trainer and real (offline) W&B."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lmim.module import param_groups
+from lmim.train import build, train
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_metrics(path: str) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fast_dev_run(make_cfg):
+    """One batch through the whole stack (fast_dev_run) on the tiny ViT."""
+    cfg = make_cfg([*TINY, "debug=fdr"])
+    result = train(cfg)
+    assert math.isfinite(result["metrics"]["train/loss"])
+    assert {f"train/loss_block{i}" for i in (1, 3, 5, 7)} <= set(result["metrics"])
+
+
+def test_demo_data_30_steps_loss_goes_down(make_cfg, tmp_path):
+    """30 optimizer steps on the embedded photos lower the loss; the run leaves a checkpoint,
+    metrics and a reconstruction figure."""
+    cfg = make_cfg(
+        [
+            *TINY,
+            "data.samples_per_epoch=80",
+            "trainer.max_steps=30",
+            "trainer.max_epochs=-1",
+            "trainer.log_every_n_steps=1",
+            "optim.blr=1e-2",
+            "optim.warmup_steps=3",
+        ]
+    )
+    result = train(cfg)
+    rows = [r for r in read_metrics(result["metrics_csv"]) if r.get("train/loss")]
+    losses = [float(r["train/loss"]) for r in rows]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+    # lr warms up from 0 then decays
+    lrs = [float(r["lr"]) for r in rows]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(1e-2 * 8 / 256, rel=1e-3)
+    assert Path(result["checkpoint"]).is_file()
+    assert Path(result["figure"]).is_file() and Path(result["figure"]).stat().st_size > 10_000
+    assert float(rows[-1]["perf/device_hours"]) > 0
+    assert float(rows[-1]["perf/images_seen"]) == 30 * 8
+
+
+def test_lr_scales_with_global_batch(make_cfg):
+    """lr = blr x batch x devices x accumulation / 256; per-update linear warm-up from 0, then a
+    cosine to min_lr, as seen by the optimizer of a real fit."""
+
+    class RecordLR(L.Callback):
+        lrs: list[float] = []
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    cfg = make_cfg(
+        [
+            *TINY,
+            "trainer.accumulate_grad_batches=2",
+            "optim.blr=1e-3",
+            "optim.warmup_epochs=1",
+            "optim.min_lr=1e-5",
+            "trainer.max_epochs=4",
+            "callbacks=none",
+        ]
+    )
+    datamodule, module = build(cfg)
+    rec = RecordLR()
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=4,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[rec],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert module.global_batch == 8 * 2
+    peak = 1e-3 * 16 / 256
+    assert module.lr == pytest.approx(peak)
+    # 32 samples / 8 per batch = 4 batches = 2 updates per epoch; 4 epochs = 8 updates,
+    # 2 of them warm-up (1 epoch), then a cosine over the remaining 6.
+    lrs = rec.lrs
+    assert len(lrs) == 8
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 2)
+    cos = [1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * t / 6)) for t in range(6)]
+    assert lrs[2:] == pytest.approx(cos, rel=1e-6)
+
+
+def test_weight_decay_groups():
+    """No decay on biases, norms, position embeddings and tokens; decay on weight matrices."""
+    from lmim import create_pretrainer
+
+    net = create_pretrainer("vit_test", "hog", img_size=64)
+    groups = param_groups(net, 0.05)
+    names = {id(p): n for n, p in net.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
+    assert "encoder.cls_token" in no_decay and "decoders.0.mask_token" in no_decay
+    assert "encoder.blocks.0.norm1.weight" in no_decay and "norms.0.weight" in no_decay
+    assert "encoder.blocks.0.attn.qkv.bias" in no_decay
+    assert "encoder.blocks.0.attn.qkv.weight" in decay and "decoders.0.embed.weight" in decay
+    assert "encoder.patch_embed.proj.weight" in decay
+    assert not decay & no_decay
+    assert decay | no_decay == {n for n, p in net.named_parameters() if p.requires_grad}
+    assert {g["name"] for g in groups} == {
+        "encoder/decay",
+        "encoder/no_decay",
+        "decoders/decay",
+        "decoders/no_decay",
+    }
+
+
+def test_wandb_offline_run_records_metrics(make_cfg, tmp_path):
+    """The default W&B logger goes offline without a key and writes a run holding the config,
+    the losses, lr, images/s and device-hours."""
+    cfg = make_cfg([*TINY, "logger=wandb", "debug=limit"])
+    train(cfg)
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    data = runs[0].read_bytes()
+    for key in (
+        b"train/loss",
+        b"train/loss_block7",
+        b"lr",
+        b"perf/device_hours",
+        b"perf/images_per_sec",
+        b"mask_ratio",
+    ):
+        assert key in data, key
+    import wandb
+
+    assert wandb.run is None  # finished
+
+
+def test_wandb_finished_when_training_fails(make_cfg, tmp_path):
+    """A failure inside fit still finishes the W&B run and propagates the error."""
+    cfg = make_cfg([*TINY, "logger=wandb", "debug=limit", f"ckpt_path={tmp_path}/missing.ckpt"])
+    with pytest.raises(FileNotFoundError):
+        train(cfg)
+    import wandb
+
+    assert wandb.run is None
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lmim.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_multirun_two_jobs(tmp_path):
+    """`-m target=hog,pixel` runs two jobs, each in its own output folder."""
+    proc = run_cli(
+        "-m",
+        "target=hog,pixel",
+        *TINY,
+        "debug=fdr",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1"]
+    targets = [(p / ".hydra" / "overrides.yaml").read_text() for p in jobs]
+    assert "target=hog" in targets[0] and "target=pixel" in targets[1]
+
+
+def test_cli_bad_value_one_line(tmp_path):
+    """A bad value stops the CLI with exit code 2 and one line naming the key, writing nothing
+    but Hydra's own run folder."""
+    proc = run_cli(*TINY, "model.mask_ratio=1.5", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmim: error:")]
+    assert len(errors) == 1 and "model.mask_ratio=1.5" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_torch_threads_untouched():
+    """Guard: tests run with the machine's default intra-op threads (no hidden pinning)."""
+    assert torch.get_num_threads() >= 1
