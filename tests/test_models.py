@@ -93,7 +93,9 @@ def test_vit_b_export_loads_into_timm(vit_b: LocalMIM) -> None:
     torch.testing.assert_close(model.norm.bias, vit_b.norms[top].bias)
     assert not torch.allclose(model.norm.weight, vit_b.norms[0].weight)
     torch.testing.assert_close(model.pos_embed, vit_b.encoder.pos_embed)
-    torch.testing.assert_close(model.blocks[5].mlp.fc1.weight, vit_b.encoder.blocks[5].mlp.fc1.weight)
+    torch.testing.assert_close(
+        model.blocks[5].mlp.fc1.weight, vit_b.encoder.blocks[5].mlp.fc1.weight
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +298,45 @@ def test_decoder_forward_shape() -> None:
     assert tuple(out.shape) == (3, 16 * 16, 27)
 
 
+def test_decoder_puts_tokens_back_in_raster_order() -> None:
+    """With the transformer, norm and head made identities, visible tokens land at their raster
+    positions and every masked position holds the mask token (pos-embed removed)."""
+    torch.manual_seed(0)
+    dim, grid = 8, (3, 4)
+    dec = ViTLocalDecoder(in_dim=dim, out_dim=dim, grid_size=grid, scale=1, dim=dim, num_heads=2)
+    with torch.no_grad():
+        dec.embed.weight.copy_(torch.eye(dim))
+        dec.embed.bias.zero_()
+        dec.proj.weight.copy_(torch.eye(dim).view(dim, dim, 1, 1))
+        dec.proj.bias.zero_()
+    dec.blocks = nn.Sequential()
+    dec.norm = nn.Identity()
+    mask = torch.tensor(
+        [[1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 1, 1], [0, 1, 1, 1, 1, 1, 1, 0, 1, 1, 1, 0]]
+    )
+    _, ids_restore = mask_indices(mask)
+    visible = [[i for i in range(12) if not mask[b, i]] for b in range(2)]
+    tokens = torch.randn(2, 1 + 3, dim)
+    with torch.no_grad():
+        out = dec(tokens, ids_restore) - sincos_2d(dim, grid)
+    for b in range(2):
+        for i in range(12):
+            want = tokens[b, 1 + visible[b].index(i)] if i in visible[b] else dec.mask_token[0, 0]
+            torch.testing.assert_close(out[b, i], want, atol=1e-6, rtol=0)
+
+
+def test_export_without_top_tap_uses_identity_norm() -> None:
+    """When the top block is not tapped, the exported norm is the identity (1, 0)."""
+    net = LocalMIM(small_vit(), HOG9, taps=(0, 1), scales=(2, 1), decoder_dim=32, decoder_heads=2)
+    with torch.no_grad():
+        for norm in net.norms:
+            norm.weight.fill_(2.0)
+    sd = encoder_state_dict(net)
+    assert torch.equal(sd["norm.weight"], torch.ones(64))
+    assert torch.equal(sd["norm.bias"], torch.zeros(64))
+    timm_model(net.encoder).load_state_dict(sd, strict=True)
+
+
 def test_patch14_grids_and_shapes() -> None:
     """A patch-14 encoder at 224 (ViT-H/14 geometry) gives grids 64, 32, 16, 8 matching targets."""
     torch.manual_seed(0)
@@ -404,11 +445,12 @@ def test_quarter_scale_on_divisible_grid_is_fine() -> None:
 
 @pytest.mark.parametrize("ratio", [0.0, 1.0, 1.5, -0.2])
 def test_bad_mask_ratio(ratio: float) -> None:
-    """Mask ratios outside (0, 1) name model.mask_ratio."""
+    """Mask ratios outside (0, 1) name model.mask_ratio, also through create_pretrainer."""
     with pytest.raises(ConfigError, match=r"model\.mask_ratio"):
         LocalMIM(small_vit(), HOG9, taps=(1, 3), scales=(1, 0.5), mask_ratio=ratio)
-    with pytest.raises(ConfigError, match=r"model\.mask_ratio"):
-        random_mask(2, 16, ratio) if ratio <= 0 or ratio >= 1 else None
+    if ratio == 1.0:
+        with pytest.raises(ConfigError, match=r"model\.mask_ratio"):
+            lmim.create_pretrainer("vit_test", "hog", img_size=64, mask_ratio=ratio)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +476,9 @@ def test_init(vit_test: LocalMIM) -> None:
     bound = math.sqrt(6 / (w.shape[0] + w[0].numel()))
     assert 0.95 * bound < w.abs().max().item() <= bound + 1e-6
 
-    convs = [m for m in vit_test.decoders.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+    convs = [
+        m for m in vit_test.decoders.modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)
+    ]
     assert sum(isinstance(m, nn.ConvTranspose2d) for m in convs) == 3
     for m in convs:
         # PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias; fan_in uses

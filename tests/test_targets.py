@@ -196,8 +196,9 @@ def test_hog_shapes_at_224() -> None:
     assert all(o.dtype == torch.float32 for o in outs)
 
 
+@pytest.mark.parametrize("cells", [CELLS, (8, 16, 32, 32)], ids=["vit", "swin"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_hog_matches_slow_reference(bias: bool) -> None:
+def test_hog_matches_slow_reference(bias: bool, cells: tuple[int, ...]) -> None:
     """Every scale (shared nested pooling, or the per-scale biased path) equals a float64 reference.
 
     (cell, channel) blocks holding a pixel within 1e-5 bin widths of a bin boundary are skipped:
@@ -205,9 +206,10 @@ def test_hog_matches_slow_reference(bias: bool) -> None:
     """
     torch.manual_seed(1)
     img = torch.randn(2, 3, 224, 224)
-    hog = HOG(nbins=9, cell_sizes=CELLS, bias=bias)
+    hog = HOG(nbins=9, cell_sizes=cells, bias=bias)
     outs = hog(img)
-    for k, (cell, out) in enumerate(zip(CELLS, outs, strict=True)):
+    assert len(outs) == len(cells)
+    for k, (cell, out) in enumerate(zip(cells, outs, strict=True)):
         offsets = tuple(hog.bias[k].double().tolist()) if bias else (0.0, 0.0)
         n = 224 // cell
         for b in range(img.shape[0]):

@@ -15,7 +15,7 @@ from lmim.models.pos_embed import sincos_2d
 
 
 def init_linear_and_norm(module: nn.Module) -> None:
-    """MAE/LocalMIM init: Linear xavier-uniform with zero bias, LayerNorm (1, 0). Convs untouched."""
+    """MAE/LocalMIM init: Linear xavier-uniform, zero bias; LayerNorm (1, 0); convs untouched."""
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
         if module.bias is not None:
