@@ -20,7 +20,8 @@ log = logging.getLogger("lmim")
 def config_dir() -> Path:
     """The Hydra config folder: ``conf/`` of a checkout, or ``lmim/conf`` inside a wheel."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parents[1] / "conf", here / "conf"):
+    # A wheel ships the configs as lmim/conf; an editable install of a checkout reads conf/.
+    for candidate in (here / "conf", here.parents[1] / "conf"):
         if (candidate / "train.yaml").is_file():
             return candidate
     raise FileNotFoundError(
