@@ -10,16 +10,9 @@ import pytest
 import torch
 
 import lmim
-import lmim.models  # noqa: F401  (must precede lmim.losses: see test_losses_imports_first)
 from lmim.losses import masked_mse, scale_mask
 
 
-@pytest.mark.xfail(
-    reason="src bug: circular import. lmim/losses.py:8 imports lmim.models.decoders, whose "
-    "package __init__ imports lmim/models/localmim.py, which at line 12 imports masked_mse "
-    "from the half-initialised lmim.losses -> ImportError when lmim.losses is imported first",
-    strict=True,
-)
 def test_losses_imports_first() -> None:
     """``import lmim.losses`` works in a fresh interpreter (nothing else imported before)."""
     proc = subprocess.run(

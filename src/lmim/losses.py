@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lmim.models.decoders import scale_exponent
+from lmim.scales import scale_exponent
 
 
 def scale_mask(mask: torch.Tensor, grid: tuple[int, int], scale: float) -> torch.Tensor:

@@ -10,8 +10,9 @@ from torch import nn
 
 from lmim.errors import ConfigError
 from lmim.losses import masked_mse, scale_mask
-from lmim.models.decoders import ViTLocalDecoder, scaled_grid
+from lmim.models.decoders import ViTLocalDecoder
 from lmim.models.masking import check_mask_ratio, mask_indices, random_mask
+from lmim.scales import scaled_grid
 from lmim.targets.base import Target
 
 
