@@ -11,7 +11,7 @@ from torch import nn
 from lmim.errors import ConfigError
 from lmim.losses import masked_mse, scale_mask
 from lmim.models.decoders import ViTLocalDecoder
-from lmim.models.masking import check_mask_ratio, mask_indices, random_mask
+from lmim.models.masking import check_mask_ratio, mask_indices, num_visible, random_mask
 from lmim.scales import scaled_grid
 from lmim.targets.base import Target
 
@@ -153,16 +153,18 @@ class LocalMIM(nn.Module):
             :class:`LocalMIMOutput` with the total loss, per-tap losses, predictions, targets,
             cell weights and the mask.
         """
+        num_keep = None
         if mask is None:
             mask = self.random_mask(images.shape[0], images.device)
+            num_keep = num_visible(self.num_patches, self.mask_ratio)
         elif mask.shape != (images.shape[0], self.num_patches):
             raise ConfigError(
                 f"mask has shape {tuple(mask.shape)}, expected (batch, patches) = "
                 f"({images.shape[0]}, {self.num_patches})"
             )
         mask = mask.to(device=images.device, dtype=torch.bool)
-        _, ids_restore = mask_indices(mask)
-        feats = self.encoder(images, mask, self.taps, self.isolate_gradients)
+        ids_keep, ids_restore = mask_indices(mask, num_keep)
+        feats = self.encoder(images, mask, self.taps, self.isolate_gradients, ids_keep=ids_keep)
         targets = self.target(images)
         preds, weights, losses = [], [], {}
         total = images.new_zeros((), dtype=torch.float32)

@@ -47,11 +47,15 @@ def random_mask(
     return mask
 
 
-def mask_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_indices(
+    mask: torch.Tensor, num_keep: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather/scatter indices for a mask.
 
     Args:
         mask: (B, L) bool or 0/1, True/1 = masked. Every row must hide the same number.
+        num_keep: visible patches per row when known (a mask from :func:`random_mask`); skips
+            the check of the row counts, which would synchronise a GPU.
 
     Returns:
         ids_keep: (B, V) raster indices of the visible patches, in raster order.
@@ -62,14 +66,15 @@ def mask_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if mask.dim() != 2:
         raise ConfigError(f"mask must have shape (B, L), got {tuple(mask.shape)}")
     mask = mask.bool()
-    counts = mask.sum(dim=1)
-    if counts.numel() and bool((counts != counts[0]).any()):
-        raise ConfigError(
-            "every sample's mask must hide the same number of patches (visible-only encoding "
-            f"batches them), got per-sample counts {counts.tolist()}"
-        )
+    if num_keep is None:
+        counts = mask.sum(dim=1)
+        if counts.numel() and bool((counts != counts[0]).any()):
+            raise ConfigError(
+                "every sample's mask must hide the same number of patches (visible-only "
+                f"encoding batches them), got per-sample counts {counts.tolist()}"
+            )
+        num_keep = mask.shape[1] - int(counts[0]) if counts.numel() else mask.shape[1]
     # A stable sort puts visible patches first, each group in raster order.
     ids_shuffle = mask.to(torch.int8).argsort(dim=1, stable=True)
     ids_restore = ids_shuffle.argsort(dim=1)
-    num_keep = mask.shape[1] - int(counts[0]) if counts.numel() else mask.shape[1]
     return ids_shuffle[:, :num_keep], ids_restore

@@ -124,6 +124,7 @@ class MaskedViT(nn.Module):
         mask: torch.Tensor | None = None,
         taps: list[int] | None = None,
         isolate_gradients: bool = False,
+        ids_keep: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Encode the visible patches and return the outputs of the tapped blocks.
 
@@ -133,6 +134,8 @@ class MaskedViT(nn.Module):
             taps: 0-indexed block indices, ascending; None returns the last block only.
             isolate_gradients: detach the sequence after each tap, so every segment of blocks
                 learns only from the losses of its own tap (LocalMIM's gradient-isolated variant).
+            ids_keep: (B, V) visible indices already derived from ``mask``
+                (:func:`lmim.models.masking.mask_indices`); saves recomputing them.
 
         Returns:
             One (B, 1 + V, D) tensor per tap (cls first, then the V visible tokens in raster
@@ -141,8 +144,9 @@ class MaskedViT(nn.Module):
         taps = [self.depth - 1] if taps is None else list(taps)
         x = self.patch_embed(images)  # (B, L, D)
         x = x + self.pos_embed[:, 1:]
-        if mask is not None:
+        if ids_keep is None and mask is not None:
             ids_keep, _ = mask_indices(mask)
+        if ids_keep is not None:
             x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, V, D)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
