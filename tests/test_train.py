@@ -206,3 +206,41 @@ def test_cli_bad_value_one_line(tmp_path):
 def test_torch_threads_untouched():
     """Guard: tests run with the machine's default intra-op threads (no hidden pinning)."""
     assert torch.get_num_threads() >= 1
+
+
+def test_ddp_two_cpu_processes(tmp_path):
+    """trainer=ddp_cpu runs two gloo processes from the same command; the global batch (and so
+    the lr and the images counted) doubles."""
+    tiny = [o for o in TINY if not o.startswith("trainer=")]
+    proc = run_cli(
+        *tiny,
+        "trainer=ddp_cpu",
+        "debug=limit",
+        "trainer.devices=2",
+        "optim.warmup_steps=1",
+        "optim.blr=1e-3",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("checkpoint:") == 1  # only rank 0 reports
+    rows = [
+        r
+        for r in read_metrics(str(tmp_path / "run" / "csv" / "metrics.csv"))
+        if r.get("train/loss")
+    ]
+    # 32 samples / (8 per batch x 2 ranks) = 2 steps per epoch, 2 epochs
+    assert float(rows[-1]["perf/images_seen"]) == 4 * 16
+    assert max(float(r["lr"]) for r in rows) == pytest.approx(1e-3 * 16 / 256, rel=1e-3)
+
+
+def test_fsdp_strategy_builds(make_cfg):
+    """trainer=fsdp instantiates Lightning's FSDPStrategy wrapping timm Blocks."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.strategies import FSDPStrategy
+    from timm.models.vision_transformer import Block
+
+    cfg = make_cfg(["trainer=fsdp"])
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy)
+    assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes

@@ -80,7 +80,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     finally:
         finish_wandb(exit_code)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-    result: dict[str, Any] = {"metrics": metrics, "output_dir": cfg.paths.output_dir}
+    result: dict[str, Any] = {
+        "metrics": metrics,
+        "output_dir": cfg.paths.output_dir,
+        "global_zero": trainer.is_global_zero,
+    }
     for cb in trainer.callbacks:
         if hasattr(cb, "last_model_path") and getattr(cb, "last_model_path", ""):
             result["checkpoint"] = cb.last_model_path
@@ -102,6 +106,8 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"lmim: error: {err}", file=sys.stderr)
         sys.exit(2)
+    if not result["global_zero"]:
+        return None
     log.info("done: %s", {k: v for k, v in result.items() if k != "metrics"})
     for key in ("checkpoint", "metrics_csv", "figure"):
         if key in result:
