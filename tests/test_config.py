@@ -55,9 +55,11 @@ def test_paper_defaults(make_cfg):
     """Defaults are the paper's: ViT-B/16, HOG-9, taps [1,3,-3,-1], scales 4,2,1,0.5, AdamW."""
     cfg = make_cfg([])
     assert cfg.model.encoder.patch_size == 16 and cfg.model.encoder.embed_dim == 768
-    assert list(cfg.schedule.taps) == [1, 3, -3, -1]
-    assert list(cfg.schedule.scales) == [4, 2, 1, 0.5]
-    assert list(cfg.schedule.weights) == [1, 1, 1, 1]
+    # null = the encoder's paper schedule
+    assert cfg.schedule.taps is None and cfg.schedule.scales is None
+    net = instantiate(cfg.model)
+    assert net.taps == [1, 3, 9, 11] and net.scales == [4, 2, 1, 0.5]
+    assert net.loss_weights == [1, 1, 1, 1] and net.cell_sizes == [4, 8, 16, 32]
     assert cfg.target.nbins == 9 and cfg.target.bias is False
     assert cfg.model.mask_ratio == 0.75
     assert list(cfg.optim.optimizer.betas) == [0.9, 0.95]

@@ -51,10 +51,7 @@ class ReconstructionFigure(L.Callback):
         net = pl_module.net
         images = dm.preview_images(self.num_images).to(pl_module.device)
         gen = torch.Generator().manual_seed(self.seed)
-        noise = torch.rand(images.shape[0], net.num_patches, generator=gen)
-        keep = int(net.num_patches * (1 - net.mask_ratio))
-        mask = torch.ones_like(noise, dtype=torch.bool)
-        mask.scatter_(1, noise.argsort(dim=1)[:, :keep], False)
+        mask = net.random_mask(images.shape[0], generator=gen)
         was_training = net.training
         net.eval()
         out = net(images, mask.to(images.device))
@@ -66,7 +63,7 @@ class ReconstructionFigure(L.Callback):
             out.preds,
             out.targets,
             out.grids,
-            tuple(net.encoder.grid_size),
+            tuple(net.encoder.mask_grid),
             net.tap_names,
             target_kind="hog" if isinstance(target, HOG) else "pixel",
             nbins=getattr(target, "nbins", 9),

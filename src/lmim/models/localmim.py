@@ -66,28 +66,34 @@ class LocalMIM(nn.Module):
     """Masked image modeling with local multi-scale reconstruction.
 
     Args:
-        encoder: a masked encoder (e.g. :class:`lmim.models.MaskedViT`) with ``depth``,
-            ``embed_dim``, ``patch_size``, ``grid_size``, ``num_patches`` and ``feature_info``,
-            called as ``encoder(images, mask, taps, isolate_gradients)``.
+        encoder: a masked encoder (:class:`lmim.models.MaskedViT`, ...). It masks units of
+            ``mask_unit`` pixels on a ``mask_grid`` (the patches of a ViT), exposes ``depth``
+            (number of tappable layers), ``feature_info`` (width and name per layer) and its
+            paper schedule (``paper_taps``, ``paper_scales``), and is called as
+            ``encoder(images, mask, taps, isolate_gradients, ids_keep=...)``.
         target: builds the target module from ``cell_sizes`` (e.g. ``partial(HOG, nbins=9)``).
-        taps: encoder blocks whose outputs are decoded, lowest first; negative counts from the end.
-        scales: per tap, target grid / patch grid (powers of two). Cell size = patch / scale.
-        weights: per tap loss weight (default 1 each; LocalMIM sums the losses unweighted).
+        taps: encoder layers whose outputs are decoded, lowest first; negative counts from the
+            end; None = the encoder's paper taps.
+        scales: per tap, target grid / mask grid (powers of two); cell size = mask unit / scale.
+            None = the encoder's paper scales.
+        weights: per tap loss weight (None = 1 each; LocalMIM sums the losses unweighted).
         decoder: builds a tap's decoder from ``in_dim, out_dim, grid_size, scale`` plus width
             keywords; defaults to :class:`ViTLocalDecoder`.
         decoder_dim: decoder width, one int or one per tap.
         decoder_heads: decoder attention heads, one int or one per tap.
         decoder_depth: decoder transformer blocks.
-        mask_ratio: share of patches hidden from the encoder.
+        mask_ratio: share of mask units hidden from the encoder.
         isolate_gradients: detach the encoder sequence after each tap (paper section 8).
+        share_mask: one random mask for the whole batch (the released Swin code) instead of one
+            per sample; cheaper for pyramid encoders, whose attention bias is then shared.
     """
 
     def __init__(
         self,
         encoder: nn.Module,
         target: Callable[..., Target],
-        taps: Sequence[int] = (1, 3, -3, -1),
-        scales: Sequence[float] = (4, 2, 1, 0.5),
+        taps: Sequence[int] | None = None,
+        scales: Sequence[float] | None = None,
         weights: Sequence[float] | None = None,
         decoder: Callable[..., nn.Module] = ViTLocalDecoder,
         decoder_dim: int | Sequence[int] = 256,
@@ -96,9 +102,12 @@ class LocalMIM(nn.Module):
         decoder_mlp_ratio: float = 4.0,
         mask_ratio: float = 0.75,
         isolate_gradients: bool = False,
+        share_mask: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
+        taps = encoder.paper_taps if taps is None else taps
+        scales = encoder.paper_scales if scales is None else scales
         self.taps = resolve_taps(taps, encoder.depth)
         n = len(self.taps)
         self.scales = [float(s) for s in scales]
@@ -110,9 +119,10 @@ class LocalMIM(nn.Module):
             )
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.isolate_gradients = bool(isolate_gradients)
-        grid = tuple(encoder.grid_size)
+        self.share_mask = bool(share_mask)
+        grid = tuple(encoder.mask_grid)
         self.grids = [scaled_grid(grid, s) for s in self.scales]
-        self.cell_sizes = [encoder.patch_size / s for s in self.scales]
+        self.cell_sizes = [encoder.mask_unit / s for s in self.scales]
         self.target = target(cell_sizes=self.cell_sizes)
         info = encoder.feature_info
         self.tap_names = [info[t]["name"] for t in self.taps]
@@ -135,11 +145,21 @@ class LocalMIM(nn.Module):
 
     @property
     def num_patches(self) -> int:
-        return self.encoder.num_patches
+        """Mask units per image (patches for a ViT)."""
+        return self.encoder.mask_grid[0] * self.encoder.mask_grid[1]
 
-    def random_mask(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """(B, L) bool per-sample random mask at the configured ratio, True = masked."""
-        return random_mask(batch, self.num_patches, self.mask_ratio, device=device)
+    def random_mask(
+        self,
+        batch: int,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """(B, L) bool random mask at the configured ratio, True = masked, raster order; one per
+        sample, or one repeated for the batch with ``share_mask``."""
+        if self.share_mask:
+            m = random_mask(1, self.num_patches, self.mask_ratio, device, generator)
+            return m.expand(batch, -1)
+        return random_mask(batch, self.num_patches, self.mask_ratio, device, generator)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> LocalMIMOutput:
         """One pre-training forward.
@@ -168,7 +188,7 @@ class LocalMIM(nn.Module):
         targets = self.target(images)
         preds, weights, losses = [], [], {}
         total = images.new_zeros((), dtype=torch.float32)
-        grid = tuple(self.encoder.grid_size)
+        grid = tuple(self.encoder.mask_grid)
         for k, name in enumerate(self.tap_names):
             pred = self.decoders[k](self.norms[k](feats[k]), ids_restore)
             w = scale_mask(mask, grid, self.scales[k])

@@ -84,6 +84,9 @@ class MaskedViT(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
+        # Masking works on patches; LocalMIM's paper schedule for columnar encoders.
+        self.mask_grid, self.mask_unit = self.grid_size, patch_size
+        self.paper_taps, self.paper_scales = (1, 3, -3, -1), (4, 2, 1, 0.5)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed (not learned) 2-D sin-cos position embedding with a zero row for cls.
         self.register_buffer("pos_embed", sincos_2d(embed_dim, self.grid_size, cls_token=True))
