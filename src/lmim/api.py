@@ -43,17 +43,20 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
 
 def create_pretrainer(
     model: str = "vit_b",
-    target: str = "hog",
-    schedule: str = "localmim",
+    target: str | None = None,
+    schedule: str | None = None,
     overrides: Sequence[str] = (),
     **options: Any,
 ):
     """Build a LocalMIM pre-training model as a plain ``nn.Module``.
 
     Args:
-        model: a config of ``conf/model`` (vit_tiny, vit_s, vit_b, vit_l, vit_h, vit_test).
-        target: a config of ``conf/target`` (hog, pixel).
-        schedule: a config of ``conf/schedule`` (localmim, isolated, top_only, single_scale).
+        model: a config of ``conf/model`` (vit_tiny, vit_s, vit_b, vit_l, vit_h, vit_test,
+            swin_t, swin_b, swin_b_w14, swin_l, swin_test).
+        target: a config of ``conf/target`` (hog, hog18, pixel); None = the model's default
+            (hog for ViTs, hog18 for Swin).
+        schedule: a config of ``conf/schedule`` (localmim, isolated, top_only, single_scale);
+            None = localmim.
         overrides: Hydra override strings, e.g. ``["model.decoder_dim=128"]``.
         **options: single values by leaf name, looked up in model, model.encoder, target,
             schedule and data, e.g. ``img_size=192, mask_ratio=0.6, nbins=18, bias=True,
@@ -67,7 +70,10 @@ def create_pretrainer(
         >>> net = create_pretrainer("vit_tiny", "hog", img_size=96)
         >>> out = net(torch.randn(2, 3, 96, 96))
     """
-    cfg = compose_config([f"model={model}", f"target={target}", f"schedule={schedule}", *overrides])
+    choices = [f"model={model}"]
+    choices += [f"target={target}"] if target else []
+    choices += [f"schedule={schedule}"] if schedule else []
+    cfg = compose_config([*choices, *overrides])
     with open_dict(cfg):
         for key, value in options.items():
             _set(cfg, key, value)

@@ -1,4 +1,4 @@
-"""Export a pre-trained encoder as a timm VisionTransformer state dict.
+"""Export a pre-trained encoder as a timm VisionTransformer / SwinTransformer state dict.
 
     python -m lmim.export outputs/.../checkpoints/last.ckpt --out vit_b_localmim.pth
 
@@ -22,47 +22,48 @@ from lmim.errors import ConfigError
 
 
 def encoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
-    """The encoder's weights under timm ``VisionTransformer`` names.
+    """The encoder's weights under timm names (``VisionTransformer`` / ``SwinTransformer``).
 
-    timm's ViT ends with a LayerNorm (``norm``) that LocalMIM does not have; each tap has its own
-    LayerNorm instead. When the top block is tapped (the default schedule), its tap norm is
+    timm's models end with a LayerNorm (``norm``) that LocalMIM does not have; each tap has its
+    own LayerNorm instead. When the top layer is tapped (the default schedule), its tap norm is
     exported as ``norm``, since it is the norm trained on the final features; otherwise ``norm``
     is the identity (weight 1, bias 0).
     """
     enc = net.encoder
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
-    D = enc.embed_dim
+    width = enc.feature_info[-1]["num_chs"]
     top = enc.depth - 1
     if top in net.taps:
         norm = net.norms[net.taps.index(top)]
-        sd["norm.weight"], sd["norm.bias"] = (
-            norm.weight.detach().clone(),
-            norm.bias.detach().clone(),
-        )
+        sd["norm.weight"] = norm.weight.detach().clone()
+        sd["norm.bias"] = norm.bias.detach().clone()
     else:
-        sd["norm.weight"], sd["norm.bias"] = torch.ones(D), torch.zeros(D)
+        sd["norm.weight"], sd["norm.bias"] = torch.ones(width), torch.zeros(width)
     return sd
 
 
 def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
-    """The timm ViT (no head) that :func:`encoder_state_dict` loads into."""
+    """The timm model (no head) that :func:`encoder_state_dict` loads into."""
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
     if encoder.timm_name:
         return timm.create_model(
             encoder.timm_name, pretrained=False, num_classes=0, img_size=encoder.img_size, **kwargs
         )
-    return VisionTransformer(
+    common = dict(
         img_size=encoder.img_size,
         patch_size=encoder.patch_size,
         embed_dim=encoder.embed_dim,
-        depth=encoder.depth,
         num_heads=encoder.num_heads,
         mlp_ratio=encoder.mlp_ratio,
         qkv_bias=encoder.qkv_bias,
         num_classes=0,
         **kwargs,
     )
+    if hasattr(encoder, "depths"):  # pyramid
+        return SwinTransformer(depths=encoder.depths, window_size=encoder.window_size, **common)
+    return VisionTransformer(depth=encoder.depth, **common)
 
 
 def load_pretrainer(checkpoint: str | Path) -> nn.Module:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
         timm_model(net.encoder).load_state_dict(sd, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, out)
-    name = net.encoder.timm_name or "VisionTransformer(...)"
+    name = net.encoder.timm_name or type(timm_model(net.encoder)).__name__ + "(...)"
     print(
         f"wrote {out} ({len(sd)} tensors); load with timm.create_model('{name}', "
         f"num_classes=0, img_size={net.encoder.img_size}).load_state_dict(torch.load('{out}'))"

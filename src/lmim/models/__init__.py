@@ -1,11 +1,14 @@
 """Encoders, local decoders and the LocalMIM pre-training model."""
 
-from lmim.models.decoders import ViTLocalDecoder
+from lmim.models.decoders import SwinLocalDecoder, ViTLocalDecoder
 from lmim.models.localmim import LocalMIM, LocalMIMOutput
 from lmim.models.masking import mask_indices, random_mask
+from lmim.models.swin import MaskedSwin
 from lmim.models.vit import MaskedViT
 
 __all__ = [
+    "MaskedSwin",
+    "SwinLocalDecoder",
     "LocalMIM",
     "LocalMIMOutput",
     "MaskedViT",

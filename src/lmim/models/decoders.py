@@ -110,18 +110,106 @@ class ViTLocalDecoder(nn.Module):
 
         Args:
             x: (B, 1 + V, in_dim) normed tap output, cls first.
-            ids_restore: (B, L) from :func:`lmim.models.masking.mask_indices`.
+            ids_restore: (B, L) from :func:`lmim.models.masking.mask_indices`; (1, L) when the
+                batch shares one mask.
 
         Returns:
             (B, h * w, out_dim) predictions on the (h, w) target grid, raster order.
         """
         x = self.embed(x)  # (B, 1 + V, dim)
-        B, L = ids_restore.shape
+        B, L = x.shape[0], ids_restore.shape[1]
         patches = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)
-        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(B, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # (B, 1 + L, dim)
         x = self.norm(self.blocks(x))
         h, w = self.grid_size
         x = x[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # (B, dim, h, w)
         x = self.proj(self.rescale(x))  # (B, out_dim, h * s, w * s)
         return x.flatten(2).transpose(1, 2)
+
+
+class SwinLocalDecoder(nn.Module):
+    """The decoder of one pyramid (Swin) tap (LocalMIM section 5.5).
+
+    Linear to ``dim``, mask tokens for the masked units, un-shuffle to the full unit-major
+    sequence, reorder to raster order over the stage's grid, fixed sin-cos positions (no cls),
+    one block, LayerNorm, and a linear head to the target width. It predicts on its stage's own
+    grid, so ``scale`` must be the stage's tokens per mask-unit side.
+
+    Args:
+        in_dim: encoder width at the tap.
+        out_dim: target width per cell.
+        grid_size: mask-unit grid (rows, cols).
+        scale: tokens per unit side at this tap (4, 2, 1, 1 for Swin's four stages).
+        dim: decoder width (64, 128, 128, 128 in LocalMIM).
+        depth: transformer blocks (1).
+        num_heads: attention heads (4).
+        mlp_ratio: block MLP ratio.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        grid_size: tuple[int, int],
+        scale: float,
+        dim: int = 128,
+        depth: int = 1,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ConfigError(
+                f"model.decoder_dim={dim} is not divisible by model.decoder_heads={num_heads}"
+            )
+        k = scale_exponent(scale)
+        if k < 0:
+            raise ConfigError(
+                f"schedule.scales: a Swin tap predicts on its own stage grid, which is never "
+                f"coarser than the mask-unit grid; got scale {scale}"
+            )
+        self.grid_size = tuple(grid_size)
+        self.side = 1 << k
+        self.out_grid = scaled_grid(self.grid_size, scale)
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.register_buffer("pos_embed", sincos_2d(dim, self.out_grid), persistent=False)
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(
+            *[
+                Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+                for _ in range(depth)
+            ]
+        )
+        self.norm = norm_layer(dim)
+        self.head = nn.Linear(dim, out_dim)
+        self.apply(init_linear_and_norm)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def forward(self, x: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """Reconstruct a tap's targets on its stage grid.
+
+        Args:
+            x: (B, Uv * s^2, in_dim) normed tap output, unit-major (s = tokens per unit side).
+            ids_restore: (B|1, U) from :func:`lmim.models.masking.mask_indices` on the unit mask.
+
+        Returns:
+            (B, U * s^2, out_dim) predictions in raster order over the (gh * s, gw * s) grid.
+        """
+        B = x.shape[0]
+        U = ids_restore.shape[1]
+        s2 = self.side * self.side
+        x = self.embed(x).reshape(B, -1, s2, self.embed.out_features)  # (B, Uv, s^2, dim)
+        d = x.shape[-1]
+        x = torch.cat([x, self.mask_token.expand(B, U - x.shape[1], s2, d)], dim=1)
+        x = x.gather(1, ids_restore[:, :, None, None].expand(B, U, s2, d))  # unit raster order
+        gh, gw = self.grid_size
+        s = self.side
+        x = x.reshape(B, gh, gw, s, s, d).permute(0, 1, 3, 2, 4, 5).reshape(B, U * s2, d)
+        x = self.norm(self.blocks(x + self.pos_embed))
+        return self.head(x)

@@ -126,6 +126,15 @@ class LocalMIM(nn.Module):
         self.target = target(cell_sizes=self.cell_sizes)
         info = encoder.feature_info
         self.tap_names = [info[t]["name"] for t in self.taps]
+        native = getattr(encoder, "native_scales", None)
+        if native is not None:  # pyramid taps are predicted on the stage's own grid
+            want = [native[t] for t in self.taps]
+            if self.scales != [float(w) for w in want]:
+                raise ConfigError(
+                    f"schedule.scales={self.scales}: the tapped stages {self.tap_names} are "
+                    f"on grids x{want} of the mask-unit grid, and their decoders predict there; "
+                    f"use schedule.scales={want} (or null for the paper's)"
+                )
         dims = _per_tap(decoder_dim, n, "model.decoder.dim")
         heads = _per_tap(decoder_heads, n, "model.decoder.num_heads")
         self.norms = nn.ModuleList(nn.LayerNorm(info[t]["num_chs"], eps=1e-6) for t in self.taps)
@@ -183,7 +192,11 @@ class LocalMIM(nn.Module):
                 f"({images.shape[0]}, {self.num_patches})"
             )
         mask = mask.to(device=images.device, dtype=torch.bool)
-        ids_keep, ids_restore = mask_indices(mask, num_keep)
+        if self.share_mask:
+            # One mask for the batch: indices (and a pyramid's attention bias) computed once.
+            ids_keep, ids_restore = mask_indices(mask[:1], num_keep)
+        else:
+            ids_keep, ids_restore = mask_indices(mask, num_keep)
         feats = self.encoder(images, mask, self.taps, self.isolate_gradients, ids_keep=ids_keep)
         targets = self.target(images)
         preds, weights, losses = [], [], {}

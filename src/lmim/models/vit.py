@@ -150,7 +150,8 @@ class MaskedViT(nn.Module):
         if ids_keep is None and mask is not None:
             ids_keep, _ = mask_indices(mask)
         if ids_keep is not None:
-            x = x.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, V, D)
+            # (B, V, D); ids_keep may be (1, V) when the batch shares one mask
+            x = x.gather(1, ids_keep.unsqueeze(-1).expand(x.shape[0], -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         outs = []

@@ -1,0 +1,269 @@
+"""Pyramidal encoder: a Swin Transformer built from timm's modules that encodes only the
+visible tokens, with windowed attention restricted to visible tokens (LocalMIM section 5).
+
+Masking works on units of one last-stage token (32 px for patch 4 and three merges). The visible
+stage-1 tokens are kept unit-major: each visible unit's w x w block of tokens is contiguous and
+in raster order inside, so a 2 x 2 patch merge stays inside a unit at every stage.
+
+Differences from the released (GreenMIM-derived) code, on purpose:
+
+* True coordinates at every stage. The released code rebuilds the coordinates after each merge
+  from a raster-order grid indexed by a unit-major mask, so at stages 2-3 window membership and
+  relative positions do not match the real geometry. Here a token's coordinate is always its
+  unit's position times the unit side plus its offset inside the unit.
+* timm's 2 x 2 merge order ((0,0), (1,0), (0,1), (1,1)), the order of timm's (and the official)
+  Swin used for fine-tuning; the released pre-training code concatenates (0,0), (0,1), (1,0),
+  (1,1), which swaps two chunks of the merge weights between pre-training and fine-tuning.
+* Any equivalent masked attention is allowed; this one is dense attention over the visible tokens
+  of an image with an additive bias: the window's relative-position bias for token pairs in the
+  same (shifted) window and -inf for every other pair. Window ids are non-cyclic,
+  ``floor((coord + (ws - shift) mod ws) / ws)``, which equals Swin's cyclic shift plus region
+  masks; windows that do not tile the grid are truncated at the border. No step synchronises
+  the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer
+from torch import nn
+
+from lmim.errors import ConfigError
+from lmim.models.masking import mask_indices
+from lmim.models.vit import init_linear_and_norm
+
+
+def window_index(
+    coords: torch.Tensor, window: tuple[int, int], shift: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which visible tokens share a (shifted) window, and their relative-position index.
+
+    Args:
+        coords: (B, V, 2) long (row, col) of each token on its stage's grid.
+        window: window size (rows, cols) of the block.
+        shift: shift of the block's windows.
+
+    Returns:
+        same: (B, V, V) bool, True where two tokens are in the same window.
+        index: (B, V, V) long into the ((2 wh - 1) (2 ww - 1), heads) bias table:
+            ``(dr + wh - 1) (2 ww - 1) + (dc + ww - 1)`` inside a window, 0 elsewhere.
+    """
+    wh, ww = window
+    sh, sw = shift
+    r, c = coords[..., 0], coords[..., 1]
+    win_r = torch.div(r + (wh - sh) % wh, wh, rounding_mode="floor")
+    win_c = torch.div(c + (ww - sw) % ww, ww, rounding_mode="floor")
+    same = (win_r[:, :, None] == win_r[:, None, :]) & (win_c[:, :, None] == win_c[:, None, :])
+    dr = r[:, :, None] - r[:, None, :] + wh - 1
+    dc = c[:, :, None] - c[:, None, :] + ww - 1
+    index = torch.where(same, dr * (2 * ww - 1) + dc, torch.zeros_like(dr))
+    return same, index
+
+
+def window_bias(same: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """(B, heads, V, V) additive attention bias: the table's entry inside a window, -inf across."""
+    bias = table[index].permute(0, 3, 1, 2)
+    return bias.masked_fill(~same[:, None], float("-inf"))
+
+
+class MaskedSwin(nn.Module):
+    """Swin encoder that encodes only visible mask units and returns the stage outputs.
+
+    Parameter names are timm's ``SwinTransformer`` (``patch_embed``, ``layers.<i>.downsample``,
+    ``layers.<i>.blocks``), built by timm itself, so the weights load into it (see
+    :func:`lmim.export.encoder_state_dict`). There is no final norm: each tapped stage has its
+    own LayerNorm in the pre-training model.
+
+    Tap ``k`` is the output of stage ``k + 1`` of the paper: after the patch merging that follows
+    it for all but the last stage (i.e. after timm's ``layers[k + 1].downsample``), and the last
+    stage's blocks for ``k = len(depths) - 1``.
+
+    Args:
+        img_size: input side in pixels, a multiple of the mask unit (patch x 2^(stages - 1)).
+        patch_size: stage-1 patch side.
+        in_chans: input channels.
+        embed_dim: stage-1 width (doubles per stage).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: attention window (clamped to the stage's resolution by timm's rule).
+        mlp_ratio: MLP hidden width / width.
+        qkv_bias: bias on the qkv projection.
+        drop_path_rate: stochastic depth (0 in pre-training).
+        timm_name: the timm model name these weights load into, when there is one.
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_path_rate: float = 0.0,
+        timm_name: str | None = None,
+    ) -> None:
+        super().__init__()
+        depths, num_heads = tuple(depths), tuple(num_heads)
+        if len(depths) != len(num_heads):
+            raise ConfigError(
+                f"model.encoder.depths={list(depths)} and model.encoder.num_heads="
+                f"{list(num_heads)} need one entry per stage"
+            )
+        n = len(depths)
+        unit = patch_size * 2 ** (n - 1)
+        if img_size % unit:
+            raise ConfigError(
+                f"data.img_size={img_size} is not divisible by the {unit}-px mask unit (one "
+                f"last-stage token: patch {patch_size} x 2^{n - 1}): use a multiple of {unit} "
+                f"(e.g. data.img_size={max(unit, img_size // unit * unit)})"
+            )
+        self.img_size = img_size
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.embed_dim = embed_dim
+        self.depths = depths
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.timm_name = timm_name
+        swin = SwinTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=0,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=num_heads,
+            window_size=window_size,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            drop_path_rate=drop_path_rate,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        self.patch_embed = swin.patch_embed
+        self.layers = swin.layers
+        # LocalMIM init: Linear xavier-uniform, LayerNorm (1, 0); relative-position tables keep
+        # timm's trunc-normal(0.02).
+        self.apply(init_linear_and_norm)
+
+        self.depth = n  # tappable layers = stages
+        self.mask_unit = unit
+        self.mask_grid = (img_size // unit, img_size // unit)
+        dims = [embed_dim * 2**i for i in range(n)]
+        # tokens per mask-unit side at each tap (after the merge that ends the stage)
+        self.tap_unit_sides = [2 ** max(n - 2 - k, 0) for k in range(n)]
+        self.feature_info = [
+            dict(
+                num_chs=dims[min(k + 1, n - 1)],
+                reduction=unit // self.tap_unit_sides[k],
+                module=f"layers.{k + 1}.downsample" if k < n - 1 else f"layers.{k}",
+                name=f"stage{k + 1}",
+            )
+            for k in range(n)
+        ]
+        self.paper_taps = tuple(range(n))
+        self.paper_scales = tuple(self.tap_unit_sides)
+        # A tap's decoder predicts on the stage's own grid: scale = tokens per unit side.
+        self.native_scales = tuple(self.tap_unit_sides)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+    def _blocks(self, blocks: nn.Sequential, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """Run one stage's blocks on (B, V, C) visible tokens at (B|1, V, 2) coordinates."""
+        windows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        B, V, _ = x.shape
+        for blk in blocks:
+            attn = blk.attn
+            key = (blk.window_size, blk.shift_size)
+            if key not in windows:  # shared by the blocks of a stage with the same shift
+                windows[key] = window_index(coords, blk.window_size, blk.shift_size)
+            bias = window_bias(*windows[key], attn.relative_position_bias_table)
+            qkv = attn.qkv(blk.norm1(x)).reshape(B, V, 3, attn.num_heads, -1)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, V, head_dim)
+            o = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=bias.to(q.dtype),
+                dropout_p=attn.attn_drop.p if self.training else 0.0,
+            )
+            o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, V, -1)))
+            x = x + blk.drop_path1(o)
+            x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+        return x
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        taps: list[int] | None = None,
+        isolate_gradients: bool = False,
+        ids_keep: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Encode the visible units and return the tapped stages.
+
+        Args:
+            images: (B, C, H, W) normalised images.
+            mask: (B, U) bool over the mask-unit grid, True = masked, raster order; None keeps
+                every unit.
+            taps: stage indices (0-based), ascending; None returns the last stage.
+            isolate_gradients: detach after each tap (each stage learns only from its tap).
+            ids_keep: (B, Uv) or (1, Uv) visible unit indices in raster order, derived from
+                ``mask``; a single row means one mask shared by the batch (the attention bias is
+                then computed once).
+
+        Returns:
+            Per tap, (B, Uv * s^2, C_k) tokens, unit-major: each visible unit's s x s tokens
+            (s = ``tap_unit_sides[k]``) contiguous and in raster order inside.
+        """
+        n = self.depth
+        taps = [n - 1] if taps is None else list(taps)
+        x = self.patch_embed(images)  # (B, H, W, C)
+        B, H, W, C = x.shape
+        gh, gw = self.mask_grid
+        w = H // gh
+        x = x.reshape(B, gh, w, gw, w, C).permute(0, 1, 3, 2, 4, 5).reshape(B, gh * gw, w, w, C)
+        if ids_keep is None:
+            if mask is None:
+                ids_keep = torch.arange(gh * gw, device=x.device)[None]
+            else:
+                ids_keep, _ = mask_indices(mask)
+        Uv = ids_keep.shape[1]
+        x = x.gather(1, ids_keep[:, :, None, None, None].expand(B, -1, w, w, C))
+        unit_rc = torch.stack([ids_keep // gw, ids_keep % gw], dim=-1)  # (B|1, Uv, 2)
+        outs: list[torch.Tensor] = []
+        for i, layer in enumerate(self.layers):
+            if i > 0:
+                merged = layer.downsample(x.reshape(B * Uv, w, w, -1))  # timm PatchMerging
+                w //= 2
+                x = merged.reshape(B, Uv, w, w, -1)
+                if i - 1 in taps:
+                    outs.append(x.reshape(B, Uv * w * w, -1))
+                    if i - 1 == taps[-1]:
+                        return outs
+                    if isolate_gradients:
+                        x = x.detach()
+            offs = torch.stack(
+                torch.meshgrid(
+                    torch.arange(w, device=x.device),
+                    torch.arange(w, device=x.device),
+                    indexing="ij",
+                ),
+                dim=-1,
+            ).reshape(1, 1, w * w, 2)
+            coords = (unit_rc[:, :, None] * w + offs).reshape(unit_rc.shape[0], -1, 2)
+            y = self._blocks(layer.blocks, x.reshape(B, Uv * w * w, -1), coords)
+            x = y.reshape(B, Uv, w, w, -1)
+        outs.append(x.reshape(B, Uv * w * w, -1))
+        return outs
