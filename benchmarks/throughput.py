@@ -80,7 +80,7 @@ def bench(args: argparse.Namespace) -> dict:
     mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {
         "model": args.model,
-        "target": args.target,
+        "target": args.target or "default",
         "img": size,
         "batch": args.batch,
         "device": torch.cuda.get_device_name(device)
@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="vit_b")
-    p.add_argument("--target", default="hog")
-    p.add_argument("--schedule", default="localmim")
+    p.add_argument("--target", default=None, help="default: the model's (hog; hog18 for Swin)")
+    p.add_argument("--schedule", default=None)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None, help="default: the config's 224")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
