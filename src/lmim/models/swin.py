@@ -14,12 +14,14 @@ Differences from the released (GreenMIM-derived) code, on purpose:
 * timm's 2 x 2 merge order ((0,0), (1,0), (0,1), (1,1)), the order of timm's (and the official)
   Swin used for fine-tuning; the released pre-training code concatenates (0,0), (0,1), (1,0),
   (1,1), which swaps two chunks of the merge weights between pre-training and fine-tuning.
-* Any equivalent masked attention is allowed; this one is dense attention over the visible tokens
-  of an image with an additive bias: the window's relative-position bias for token pairs in the
-  same (shifted) window and -inf for every other pair. Window ids are non-cyclic,
-  ``floor((coord + (ws - shift) mod ws) / ws)``, which equals Swin's cyclic shift plus region
-  masks; windows that do not tile the grid are truncated at the border. No step synchronises
-  the GPU.
+* Any equivalent masked attention is allowed. Here, where few visible tokens share a window
+  (stage 1), the visible tokens are packed into their occupied windows, padded to the window
+  area (a static bound on occupied windows keeps every shape fixed); elsewhere attention is
+  dense over the visible tokens of an image with an additive bias: the window's
+  relative-position bias inside a (shifted) window and -inf across windows. Window ids are
+  non-cyclic, ``floor((coord + (ws - shift) mod ws) / ws)``, which equals Swin's cyclic shift
+  plus region masks; windows that do not tile the grid are truncated at the border. Nothing
+  synchronises the GPU.
 """
 
 from __future__ import annotations
@@ -68,6 +70,107 @@ def window_bias(same: torch.Tensor, index: torch.Tensor, table: torch.Tensor) ->
     """(B, heads, V, V) additive attention bias: the table's entry inside a window, -inf across."""
     bias = table[index].permute(0, 3, 1, 2)
     return bias.masked_fill(~same[:, None], float("-inf"))
+
+
+def window_groups(
+    coords: torch.Tensor,
+    grid: tuple[int, int],
+    window: tuple[int, int],
+    shift: tuple[int, int],
+    max_groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Pack visible tokens into their (shifted) windows, padded to the window area.
+
+    Only occupied windows get a group; their number is bounded by ``max_groups`` (known from the
+    unit and window sizes), so every shape is static and nothing synchronises the GPU.
+
+    Args:
+        coords: (B, V, 2) long token coordinates on the stage grid.
+        grid: stage grid (rows, cols).
+        window: window size.
+        shift: window shift.
+        max_groups: upper bound on the occupied windows per image.
+
+    Returns:
+        slot: (B, V) long, each token's position in the (G * P) padded sequence.
+        valid: (B, G * P) bool, True where a slot holds a token.
+        index: (B, G * P, P) long relative-position index of each slot against the slots of its
+            group (0 where either slot is empty).
+        P: slots per group (the window area).
+    """
+    wh, ww = window
+    sh, sw = shift
+    Bc, V, _ = coords.shape
+    P, G = wh * ww, max_groups
+    r, c = coords[..., 0], coords[..., 1]
+    off_r, off_c = (wh - sh) % wh, (ww - sw) % ww
+    n_cols = (grid[1] + off_c + ww - 1) // ww
+    n_win = ((grid[0] + off_r + wh - 1) // wh) * n_cols
+    win = torch.div(r + off_r, wh, rounding_mode="floor") * n_cols + torch.div(
+        c + off_c, ww, rounding_mode="floor"
+    )
+    occupied = torch.zeros(Bc, n_win, dtype=torch.long, device=coords.device)
+    occupied.scatter_(1, win, 1)
+    group = (occupied.cumsum(1) - 1).gather(1, win)  # (B, V) rank of the token's window
+    order = group.argsort(dim=1, stable=True)
+    sorted_group = group.gather(1, order)
+    counts = torch.zeros(Bc, G, dtype=torch.long, device=coords.device)
+    counts.scatter_add_(1, group, torch.ones_like(group))
+    starts = counts.cumsum(1) - counts
+    rank = torch.arange(V, device=coords.device) - starts.gather(1, sorted_group)
+    slot = torch.empty_like(group).scatter_(1, order, sorted_group * P + rank)
+    valid = torch.zeros(Bc, G * P, dtype=torch.bool, device=coords.device)
+    valid.scatter_(1, slot, True)
+    slot_rc = torch.zeros(Bc, G * P, 2, dtype=torch.long, device=coords.device)
+    slot_rc.scatter_(1, slot[..., None].expand(-1, -1, 2), coords)
+    rc = slot_rc.reshape(Bc, G, P, 2)
+    dr = rc[:, :, :, None, 0] - rc[:, :, None, :, 0] + wh - 1
+    dc = rc[:, :, :, None, 1] - rc[:, :, None, :, 1] + ww - 1
+    pair = valid.reshape(Bc, G, P, 1) & valid.reshape(Bc, G, 1, P)
+    index = torch.where(pair, dr * (2 * ww - 1) + dc, torch.zeros_like(dr))
+    return slot, valid, index.reshape(Bc, G * P, P), P
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int],
+    table: torch.Tensor,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention inside windows packed by :func:`window_groups`.
+
+    Args:
+        q, k, v: (B, heads, V, head_dim).
+        groups: the packing (slot, valid, index, P); its batch is B or 1 (shared mask).
+        table: relative-position bias table ((2 wh - 1) (2 ww - 1), heads).
+
+    Returns:
+        (B, heads, V, head_dim).
+    """
+    slot, valid, index, P = groups
+    B, H, V, D = q.shape
+    Bc, GP = valid.shape
+    G = GP // P
+    idx = slot.expand(B, -1)[:, None, :, None].expand(B, H, V, D)
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        out = t.new_zeros(B, H, GP, D).scatter(2, idx, t)
+        return out.reshape(B, H, G, P, D).transpose(1, 2).reshape(B * G, H, P, D)
+
+    bias = table[index].permute(0, 3, 1, 2).reshape(Bc, H, G, P, P).transpose(1, 2)
+    keys = valid.reshape(Bc, G, 1, 1, P)
+    queries = valid.reshape(Bc, G, 1, P, 1)
+    # Empty key slots are excluded; empty query slots (outputs dropped) see all keys at 0 bias
+    # so that no softmax row is all -inf.
+    bias = torch.where(keys, bias, float("-inf")).where(queries, 0.0)
+    bias = bias.expand(B, -1, -1, -1, -1).reshape(B * G, H, P, P).to(q.dtype)
+    o = F.scaled_dot_product_attention(
+        pack(q), pack(k), pack(v), attn_mask=bias, dropout_p=dropout_p
+    )
+    o = o.reshape(B, G, H, P, D).transpose(1, 2).reshape(B, H, GP, D)
+    return o.gather(2, idx)
 
 
 class MaskedSwin(nn.Module):
@@ -179,25 +282,42 @@ class MaskedSwin(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
 
-    def _blocks(self, blocks: nn.Sequential, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
-        """Run one stage's blocks on (B, V, C) visible tokens at (B|1, V, 2) coordinates."""
-        windows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    def _blocks(
+        self, blocks: nn.Sequential, x: torch.Tensor, coords: torch.Tensor, side: int
+    ) -> torch.Tensor:
+        """Run one stage's blocks on (B, V, C) visible tokens at (B|1, V, 2) coordinates.
+
+        ``side`` is the tokens per mask-unit side at this stage. Attention is dense over the
+        visible tokens with a window bias, or, when that is cheaper, computed inside the
+        occupied windows packed to the window area.
+        """
         B, V, _ = x.shape
+        units = V // (side * side)
+        grid = (self.mask_grid[0] * side, self.mask_grid[1] * side)
+        plans: dict[tuple, tuple] = {}
         for blk in blocks:
             attn = blk.attn
             key = (blk.window_size, blk.shift_size)
-            if key not in windows:  # shared by the blocks of a stage with the same shift
-                windows[key] = window_index(coords, blk.window_size, blk.shift_size)
-            bias = window_bias(*windows[key], attn.relative_position_bias_table)
+            if key not in plans:  # shared by the blocks of a stage with the same shift
+                (wh, ww), shift = key
+                # a run of `side` tokens meets at most ceil((side - 1) / ws) + 1 windows
+                per_unit = (-(-(side - 1) // wh) + 1) * (-(-(side - 1) // ww) + 1)
+                n_win = ((grid[0] + wh - 1) // wh + 1) * ((grid[1] + ww - 1) // ww + 1)
+                G = min(units * per_unit, n_win)
+                if G * (wh * ww) ** 2 < V * V:
+                    plans[key] = ("grouped", window_groups(coords, grid, key[0], shift, G))
+                else:
+                    plans[key] = ("dense", window_index(coords, key[0], shift))
+            kind, plan = plans[key]
             qkv = attn.qkv(blk.norm1(x)).reshape(B, V, 3, attn.num_heads, -1)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, V, head_dim)
-            o = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=bias.to(q.dtype),
-                dropout_p=attn.attn_drop.p if self.training else 0.0,
-            )
+            drop = attn.attn_drop.p if self.training else 0.0
+            table = attn.relative_position_bias_table
+            if kind == "grouped":
+                o = grouped_attention(q, k, v, plan, table, drop)
+            else:
+                bias = window_bias(*plan, table).to(q.dtype)
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
             o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, V, -1)))
             x = x + blk.drop_path1(o)
             x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
@@ -263,7 +383,7 @@ class MaskedSwin(nn.Module):
                 dim=-1,
             ).reshape(1, 1, w * w, 2)
             coords = (unit_rc[:, :, None] * w + offs).reshape(unit_rc.shape[0], -1, 2)
-            y = self._blocks(layer.blocks, x.reshape(B, Uv * w * w, -1), coords)
+            y = self._blocks(layer.blocks, x.reshape(B, Uv * w * w, -1), coords, w)
             x = y.reshape(B, Uv, w, w, -1)
         outs.append(x.reshape(B, Uv * w * w, -1))
         return outs
