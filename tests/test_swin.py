@@ -157,10 +157,10 @@ def test_swin_defaults_are_the_papers():
     assert [b.shift_size for b in net.encoder.layers[2].blocks[:2]] == [(0, 0), (3, 3)]
 
 
-@pytest.mark.parametrize("img_size", [224, 256])
+@pytest.mark.parametrize("img_size", [192, 224, 256])
 @pytest.mark.parametrize("target", ["hog18", "pixel"])
 def test_tap_shapes(img_size, target):
-    """Every tap's prediction matches its target at 224 and 256 (grids from the encoder)."""
+    """Every tap's prediction matches its target at 192, 224 and 256 (grids from the encoder)."""
     net = lmim.create_pretrainer("swin_test", target, img_size=img_size)
     g = img_size // 32
     out = net(torch.randn(2, 3, img_size, img_size))
