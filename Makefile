@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow lint format bench clean fashion-mnist
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m lmim.train experiment=demo
 
-test: $(STAMP)
+test: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: $(STAMP)
@@ -38,6 +38,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --model vit_b --target hog --batch 8 --steps 5
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (root and apt needed; the tests that use it
+# are skipped without it).
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && \
+	  { apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; }; }; } || \
+	  echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"
 
 clean:
 	rm -rf outputs multirun wandb .pytest_cache

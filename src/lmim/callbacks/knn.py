@@ -1,0 +1,79 @@
+"""Online k-NN monitor: representation quality of the frozen encoder during pre-training."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lmim.evaluation import extract_features, knn_accuracy
+
+
+class KNNMonitor(L.Callback):
+    """Every ``every_n_epochs`` epochs (and at the end), a cosine k-NN on frozen features.
+
+    Features of the encoder (nothing masked, eval mode, ``layer`` average-pooled) are computed
+    for a labelled subset of the training split and for the test split; each test image takes
+    the temperature-weighted vote of its ``k`` nearest training images. Logged as
+    ``val/knn_top1`` (next to ``perf/device_hours``). Needs a DataModule with
+    ``eval_dataset(split, limit)`` and ``num_classes`` (e.g. ``data=fashion_mnist``).
+
+    Args:
+        every_n_epochs: evaluation period; 0 evaluates only at the end of training.
+        k: neighbours.
+        temperature: vote temperature.
+        layer: encoder layer to pool (negative counts from the top).
+        train_limit: labelled training images used as references.
+        test_limit: test images classified.
+        batch_size: feature-extraction batch.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        k: int = 20,
+        temperature: float = 0.07,
+        layer: int = -1,
+        train_limit: int | None = 10_000,
+        test_limit: int | None = None,
+        batch_size: int = 256,
+    ) -> None:
+        self.every_n_epochs = every_n_epochs
+        self.k = k
+        self.temperature = temperature
+        self.layer = layer
+        self.train_limit = train_limit
+        self.test_limit = test_limit
+        self.batch_size = batch_size
+        self.last: float | None = None
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        n = self.every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        n = self.every_n_epochs
+        if not n or trainer.current_epoch % n != n - 1:
+            self.evaluate(trainer, pl_module, log=False)
+
+    def evaluate(self, trainer, pl_module, log: bool = True) -> float | None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "eval_dataset"):
+            return None
+        encoder = pl_module.net.encoder
+
+        def loader(split, limit):
+            return DataLoader(dm.eval_dataset(split, limit), batch_size=self.batch_size)
+
+        train = extract_features(encoder, loader("train", self.train_limit), self.layer)
+        test = extract_features(encoder, loader("test", self.test_limit), self.layer)
+        acc = knn_accuracy(
+            *train, *test, num_classes=dm.num_classes, k=self.k, temperature=self.temperature
+        )
+        self.last = acc
+        if log:
+            pl_module.log("val/knn_top1", acc, on_step=False, on_epoch=True, rank_zero_only=True)
+        else:
+            for lg in trainer.loggers:
+                lg.log_metrics({"val/knn_top1": acc}, step=trainer.global_step)
+        return acc

@@ -1,0 +1,97 @@
+"""Frozen-encoder evaluation: feature extraction and a weighted cosine k-NN classifier."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    loader: DataLoader,
+    layer: int = -1,
+    pool: str = "avg",
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of a frozen encoder: nothing masked, eval mode, one layer pooled.
+
+    Args:
+        encoder: a masked encoder (:class:`lmim.models.MaskedViT` or ``MaskedSwin``).
+        loader: yields (images, labels), in a fixed order.
+        layer: the encoder layer (ViT block or Swin stage); negative counts from the top.
+        pool: "avg" (mean of the patch tokens) or "cls" (ViT cls token).
+        device: where to run (default: the encoder's).
+
+    Returns:
+        (N, D) float32 features and (N,) long labels, in loader order.
+    """
+    if pool not in ("avg", "cls"):
+        raise ValueError(f"pool must be 'avg' or 'cls', got {pool!r}")
+    layer = layer % encoder.depth
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    has_cls = hasattr(encoder, "cls_token")
+    if pool == "cls" and not has_cls:
+        raise ValueError("pool='cls' needs an encoder with a cls token (a ViT)")
+    for images, y in loader:
+        x = encoder(images.to(device), None, [layer])[0]  # (B, [1 +] N, D)
+        tokens = x[:, 1:] if has_cls else x
+        feats.append((x[:, 0] if pool == "cls" else tokens.mean(dim=1)).float().cpu())
+        labels.append(torch.as_tensor(y).long().cpu())
+    encoder.train(was_training)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """Cosine k-NN with temperature-weighted votes (each neighbour votes exp(sim / T)).
+
+    Args:
+        train_feats: (N, D) reference features.
+        train_labels: (N,) their labels.
+        query_feats: (M, D) features to classify.
+        num_classes: number of classes.
+        k: neighbours.
+        temperature: vote temperature.
+        chunk: queries per similarity block (bounds memory at M x N / chunk).
+
+    Returns:
+        (M, num_classes) vote scores; argmax is the prediction.
+    """
+    ref = F.normalize(train_feats.float(), dim=1)
+    k = min(k, ref.shape[0])
+    out = []
+    for q in F.normalize(query_feats.float(), dim=1).split(chunk):
+        sim, idx = (q @ ref.T).topk(k, dim=1)  # (m, k)
+        votes = torch.zeros(q.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def knn_accuracy(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> float:
+    """Top-1 accuracy of :func:`knn_predict` (torchmetrics), in [0, 1]."""
+    scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
+    metric = MulticlassAccuracy(num_classes=num_classes, average="micro")
+    return float(metric(scores, test_labels))
