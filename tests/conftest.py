@@ -27,10 +27,12 @@ def make_cfg(tmp_path) -> Callable[..., DictConfig]:
     The Hydra runtime (run name, choices) is set, and outputs go to a per-test folder.
     """
 
-    def _make(overrides: Sequence[str] = (), output_dir=None) -> DictConfig:
+    def _make(
+        overrides: Sequence[str] = (), output_dir=None, config_name: str = "train"
+    ) -> DictConfig:
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
+            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
         out = str(output_dir or tmp_path / "run")
         with open_dict(cfg):
             cfg.paths.output_dir = out

@@ -107,3 +107,92 @@ def test_knn_monitor_under_trainer(make_cfg):
     result = train(cfg)
     acc = result["metrics"]["val/knn_top1"]
     assert 0.3 < acc <= 1.0
+
+
+@pytest.fixture(scope="module")
+def fmnist_checkpoint(tmp_path_factory):
+    """A real (short) pre-training checkpoint of the tiny ViT on Fashion-MNIST at 32 px."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from lmim.utils import config_dir
+
+    out = tmp_path_factory.mktemp("pretrain")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(
+            "train",
+            return_hydra_config=True,
+            overrides=[
+                *TINY_MODEL,
+                "data=fashion_mnist",
+                "data.img_size=32",
+                "data.train_limit=256",
+                "data.num_workers=0",
+                "debug=limit",
+                "model.encoder.patch_size=8",
+            ],
+        )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    result = train(cfg)
+    GlobalHydra.instance().clear()
+    return result["checkpoint"]
+
+
+@needs_fmnist
+def test_linprobe_one_epoch(make_cfg, fmnist_checkpoint):
+    """python -m lmim.linprobe's job on a pre-training checkpoint, through the composed config."""
+    from lmim.linprobe import linprobe
+
+    cfg = make_cfg(
+        [
+            f"checkpoint={fmnist_checkpoint}",
+            "data.img_size=32",
+            "data.train_limit=1000",
+            "data.test_limit=500",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+        ],
+        config_name="linprobe",
+    )
+    result = linprobe(cfg)
+    assert result["num_train"] == 1000 and result["num_test"] == 500
+    assert 0.2 < result["val/top1"] <= 1.0  # far above chance (0.1) on real images
+
+
+@needs_fmnist
+def test_finetune_one_epoch_loads_all_encoder_weights(make_cfg, fmnist_checkpoint):
+    """python -m lmim.finetune's job: exported weights load with no missing encoder key (only
+    the new head and pooled-feature norm are missing), and one epoch trains."""
+    from lmim.finetune import finetune
+
+    cfg = make_cfg(
+        [
+            f"checkpoint={fmnist_checkpoint}",
+            "data.img_size=32",
+            "recipe=small",
+            "data.train_limit=256",
+            "data.test_limit=128",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+        ],
+        config_name="finetune",
+    )
+    result = finetune(cfg)
+    assert set(result["missing"]) == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
+    assert result["unexpected"] == []
+    assert 0.0 <= result["val/top1"] <= 1.0
+
+
+def test_probe_commands_refuse_a_missing_encoder(make_cfg):
+    """Without checkpoint or init_model the probes stop with the keys to set."""
+    from lmim.linprobe import load_encoder
+
+    with pytest.raises(ConfigError, match="checkpoint=.*init_model="):
+        load_encoder(None, None, 32)

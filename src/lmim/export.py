@@ -43,13 +43,15 @@ def encoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
-    """The timm model (no head) that :func:`encoder_state_dict` loads into."""
+    """The timm model that :func:`encoder_state_dict` loads into (no head unless ``kwargs``
+    ask for ``num_classes``; other timm keyword arguments pass through)."""
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
+    kwargs = {"num_classes": 0, **kwargs}
     if encoder.timm_name:
         return timm.create_model(
-            encoder.timm_name, pretrained=False, num_classes=0, img_size=encoder.img_size, **kwargs
+            encoder.timm_name, pretrained=False, img_size=encoder.img_size, **kwargs
         )
     common = dict(
         img_size=encoder.img_size,
@@ -58,7 +60,6 @@ def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
         num_heads=encoder.num_heads,
         mlp_ratio=encoder.mlp_ratio,
         qkv_bias=encoder.qkv_bias,
-        num_classes=0,
         **kwargs,
     )
     if hasattr(encoder, "depths"):  # pyramid

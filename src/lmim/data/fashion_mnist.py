@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -84,19 +85,31 @@ class FashionMNIST(Dataset):
         split: "train" or "test".
         transform: maps a (1, 28, 28) float tensor in [0, 1] to the model input.
         limit: keep only the first ``limit`` images (None = all).
+        pil: hand ``transform`` RGB PIL images instead of (1, 28, 28) tensors.
     """
 
-    def __init__(self, root: str | None, split: str, transform, limit: int | None = None):
+    def __init__(
+        self,
+        root: str | None,
+        split: str,
+        transform,
+        limit: int | None = None,
+        pil: bool = False,
+    ):
         self.images, self.labels = read_idx(find_root(root), split)
         if limit is not None:
             self.images, self.labels = self.images[:limit], self.labels[:limit]
         self.transform = transform
+        self.pil = pil
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = torch.from_numpy(self.images[index].copy()).float().div_(255).unsqueeze(0)
+        if self.pil:  # RGB PIL image, for timm's transforms (RandAugment, ...)
+            img = Image.fromarray(self.images[index]).convert("RGB")
+        else:
+            img = torch.from_numpy(self.images[index].copy()).float().div_(255).unsqueeze(0)
         return self.transform(img), int(self.labels[index])
 
 

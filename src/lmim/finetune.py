@@ -1,0 +1,232 @@
+"""Fine-tune a pre-trained encoder end to end: ``python -m lmim.finetune checkpoint=...``.
+
+The encoder's weights (exported as by ``python -m lmim.export``) go into the matching timm model
+with average pooling and a new head (ViT: new ``fc_norm``; Swin: new final norm), and it is
+trained with LocalMIM's fine-tuning recipe (section 7), all from timm: layer-wise lr decay,
+drop path, Mixup/CutMix with label smoothing, RandAugment, random erasing, per-step warm-up and
+cosine. ``val/top1`` is the test accuracy (torchmetrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig
+from timm.data import Mixup, create_transform
+from timm.loss import SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy
+
+from lmim.errors import ConfigError
+from lmim.export import encoder_state_dict, load_pretrainer, timm_model
+from lmim.utils import build_loggers, config_dir, finish_wandb, instantiate_checked
+
+log = logging.getLogger("lmim")
+
+
+def build_classifier(
+    checkpoint: str | None,
+    init_model: str | None,
+    img_size: int,
+    num_classes: int,
+    drop_path_rate: float,
+) -> tuple[nn.Module, dict[str, list[str]]]:
+    """The timm classifier initialised from a pre-training checkpoint (or randomly).
+
+    Returns:
+        The model and the load report: ``missing`` (new: head, fc_norm / final norm) and
+        ``unexpected`` (dropped) keys.
+    """
+    from lmim import create_pretrainer
+
+    if checkpoint:
+        net = load_pretrainer(checkpoint)
+    elif init_model:
+        net = create_pretrainer(init_model, img_size=img_size)
+    else:
+        raise ConfigError(
+            "checkpoint is not set: pass checkpoint=/path/to/last.ckpt (from lmim.train), or "
+            "init_model=<model name> to train from scratch"
+        )
+    if net.encoder.img_size != img_size:
+        raise ConfigError(
+            f"data.img_size={img_size} but the encoder was built for {net.encoder.img_size} px: "
+            f"set data.img_size={net.encoder.img_size}"
+        )
+    model = timm_model(
+        net.encoder, num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path_rate
+    )
+    state = encoder_state_dict(net)
+    # LocalMIM has no final encoder norm: the classifier's pooled-feature norm and head are new.
+    state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+    if not checkpoint:
+        state = {}
+    report = model.load_state_dict(state, strict=False)
+    missing = [k for k in report.missing_keys if checkpoint]
+    encoder_missing = [k for k in missing if not k.startswith(("head.", "fc_norm.", "norm."))]
+    if encoder_missing:
+        raise ConfigError(f"the checkpoint lacks encoder weights: {encoder_missing[:5]} ...")
+    nn.init.trunc_normal_(
+        model.head.fc.weight if hasattr(model.head, "fc") else model.head.weight, std=2e-5
+    )
+    return model, {"missing": missing, "unexpected": list(report.unexpected_keys)}
+
+
+class FinetuneModule(L.LightningModule):
+    """Supervised fine-tuning with the LocalMIM/MAE recipe, built from timm's parts.
+
+    Args:
+        model: the timm classifier.
+        num_classes: classes.
+        blr: base lr; lr = blr x global batch / 256.
+        min_lr: end of the cosine.
+        warmup_epochs: per-step linear warm-up.
+        weight_decay: AdamW weight decay (not on 1-D parameters, pos_embed, cls_token).
+        layer_decay: layer-wise lr decay (timm's layer grouping).
+        mixup: timm Mixup keyword arguments (None disables Mixup/CutMix).
+        smoothing: label smoothing (with or without Mixup).
+        batch_size: images per device, for the lr scaling.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        blr: float = 5e-4,
+        min_lr: float = 1e-6,
+        warmup_epochs: float = 5,
+        weight_decay: float = 0.05,
+        layer_decay: float = 0.65,
+        mixup: dict | None = None,
+        smoothing: float = 0.1,
+        batch_size: int = 128,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.batch_size = batch_size
+        self.blr, self.min_lr, self.warmup_epochs = blr, min_lr, warmup_epochs
+        self.weight_decay, self.layer_decay = weight_decay, layer_decay
+        self.mixup = (
+            Mixup(**mixup, label_smoothing=smoothing, num_classes=num_classes) if mixup else None
+        )
+        self.train_loss = (
+            SoftTargetCrossEntropy()
+            if self.mixup
+            else nn.CrossEntropyLoss(label_smoothing=smoothing)
+        )
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        loss = self.train_loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.val_top1.update(self.model(x), y)
+        self.log("val/top1", self.val_top1, prog_bar=True)
+
+    def configure_optimizers(self):
+        accum = self.trainer.accumulate_grad_batches
+        global_batch = self.batch_size * self.trainer.world_size * accum
+        lr = self.blr * global_batch / 256
+        opt = create_optimizer_v2(
+            self.model, "adamw", lr=lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay
+        )
+        total = int(self.trainer.estimated_stepping_batches)
+        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
+        warmup = min(int(round(self.warmup_epochs * per_epoch)), max(total - 1, 0))
+        sched = CosineLRScheduler(
+            opt,
+            t_initial=max(total - warmup, 1),
+            lr_min=self.min_lr,
+            warmup_t=warmup,
+            warmup_lr_init=0.0,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric=None) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+
+def finetune(cfg: DictConfig) -> dict[str, Any]:
+    """Build the classifier and data, fine-tune, return the test top-1 (``val/top1``)."""
+    L.seed_everything(cfg.seed, workers=True)
+    dm = instantiate_checked(cfg.data)
+    dm.validate()
+    if not hasattr(dm, "eval_dataset"):
+        raise ConfigError(f"data={cfg.data._target_} has no labels: use data=fashion_mnist")
+    f = cfg.finetune
+    model, report = build_classifier(
+        cfg.checkpoint, cfg.init_model, cfg.data.img_size, dm.num_classes, f.drop_path_rate
+    )
+    size = cfg.data.img_size
+    common = dict(input_size=size, interpolation="bicubic", mean=tuple(dm.mean), std=tuple(dm.std))
+    train_tf = create_transform(
+        is_training=True,
+        auto_augment=f.auto_augment,
+        re_prob=f.re_prob,
+        re_mode="pixel",
+        re_count=1,
+        scale=tuple(f.crop_scale),
+        **common,
+    )
+    eval_tf = create_transform(is_training=False, crop_pct=f.eval_crop_pct, **common)
+    from lmim.data.fashion_mnist import FashionMNIST
+
+    train_set = FashionMNIST(dm.root, "train", train_tf, dm.train_limit, pil=True)
+    test_set = FashionMNIST(dm.root, "test", eval_tf, dm.test_limit, pil=True)
+    module = FinetuneModule(
+        model,
+        dm.num_classes,
+        f.blr,
+        f.min_lr,
+        f.warmup_epochs,
+        f.weight_decay,
+        f.layer_decay,
+        dict(f.mixup) if f.mixup else None,
+        f.smoothing,
+        dm.batch_size,
+    )
+    loggers = build_loggers(cfg.get("logger"))
+    trainer = instantiate_checked(cfg.trainer, logger=loggers or False, callbacks=[])
+    loader = dict(batch_size=dm.batch_size, num_workers=dm.num_workers)
+    try:
+        trainer.fit(
+            module,
+            DataLoader(train_set, shuffle=True, drop_last=True, **loader),
+            DataLoader(test_set, **loader),
+        )
+    finally:
+        finish_wandb()
+    top1 = float(trainer.callback_metrics["val/top1"])
+    log.info("fine-tuning top-1 %.4f", top1)
+    return {"val/top1": top1, **report}
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="finetune")
+def main(cfg: DictConfig) -> float:
+    try:
+        result = finetune(cfg)
+    except ConfigError as err:
+        print(f"lmim: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"val/top1: {result['val/top1']:.4f}")
+    return result["val/top1"]
+
+
+if __name__ == "__main__":
+    main()
