@@ -228,3 +228,19 @@ def test_fast_dev_run_swin(make_cfg):
     )
     result = train(cfg)
     assert {f"train/loss_stage{i}" for i in (1, 2, 3, 4)} <= set(result["metrics"])
+
+
+def test_given_per_sample_mask_with_share_mask():
+    """A per-sample mask passed explicitly is used as is, even when the model shares its own
+    random masks across the batch."""
+    net = lmim.create_pretrainer("swin_test", img_size=64).eval()
+    assert net.share_mask
+    x = torch.randn(2, 3, 64, 64)
+    mask = torch.tensor([[True, True, True, False], [False, True, True, True]])
+    with torch.no_grad():
+        both = net(x, mask)
+        first = net(x[:1], mask[:1])
+        second = net(x[1:], mask[1:])
+    for k in range(4):
+        assert torch.allclose(both.preds[k][:1], first.preds[k], atol=1e-5)
+        assert torch.allclose(both.preds[k][1:], second.preds[k], atol=1e-5)

@@ -183,16 +183,18 @@ class LocalMIM(nn.Module):
             cell weights and the mask.
         """
         num_keep = None
+        shared = False
         if mask is None:
             mask = self.random_mask(images.shape[0], images.device)
             num_keep = num_visible(self.num_patches, self.mask_ratio)
+            shared = self.share_mask
         elif mask.shape != (images.shape[0], self.num_patches):
             raise ConfigError(
                 f"mask has shape {tuple(mask.shape)}, expected (batch, patches) = "
                 f"({images.shape[0]}, {self.num_patches})"
             )
         mask = mask.to(device=images.device, dtype=torch.bool)
-        if self.share_mask:
+        if shared:
             # One mask for the batch: indices (and a pyramid's attention bias) computed once.
             ids_keep, ids_restore = mask_indices(mask[:1], num_keep)
         else:
