@@ -19,11 +19,16 @@ class NaNLoss(L.Callback):
     Args:
         steps: optimizer steps (``trainer.global_step`` during the forward) to poison.
         start: poison every step from this one on.
+        how: ``mul`` (loss x NaN: the gradients are NaN too) or ``add`` (loss + NaN: the
+            gradients stay finite, only the loss is not).
     """
 
-    def __init__(self, steps: Sequence[int] = (), start: int | None = None) -> None:
+    def __init__(
+        self, steps: Sequence[int] = (), start: int | None = None, how: str = "mul"
+    ) -> None:
         self.steps = {int(s) for s in steps}
         self.start = start
+        self.how = how
         self._trainer: L.Trainer | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -35,7 +40,9 @@ class NaNLoss(L.Callback):
         if module.training and (
             step in self.steps or (self.start is not None and step >= self.start)
         ):
-            return dataclasses.replace(out, loss=out.loss * float("nan"))
+            nan = float("nan")
+            loss = out.loss * nan if self.how == "mul" else out.loss + nan
+            return dataclasses.replace(out, loss=loss)
         return out
 
 
