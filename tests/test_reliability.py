@@ -246,6 +246,30 @@ def test_preemption_signal_saves_and_rerun_resumes(tmp_path, uninterrupted, sign
     assert_same_weights(last, uninterrupted)
 
 
+@pytest.mark.slow
+def test_ddp_preemption_of_one_process_stops_all_and_resumes(tmp_path):
+    """Under DDP (2 gloo processes), SIGTERM to rank 0 alone: the ranks agree at the next step,
+    save one last.ckpt and all exit with 143; re-running resumes to the weights of an
+    uninterrupted DDP run."""
+    ddp = [o for o in RESUMABLE if not o.startswith(("trainer=", "data.batch_size"))]
+    ddp += ["trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=2"]
+    ref = cli(*ddp, f"hydra.run.dir={tmp_path}/ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    args = [*ddp, f"hydra.run.dir={tmp_path}/run"]
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    proc = start_cli(*args, cwd=tmp_path, log=tmp_path / "first.log")
+    wait_for(last, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    out = (tmp_path / "first.log").read_text()
+    assert out.count("lmim: stopped: SIGTERM received") == 1, out[-3000:]
+    step = load(last)["global_step"]
+    assert 4 <= step < 12
+    again = cli(*args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_weights(last, tmp_path / "ref" / "checkpoints" / "last.ckpt")
+
+
 def test_existing_checkpoint_is_never_overwritten(make_cfg, tmp_path):
     """resume=false, or another ckpt_path, in a folder holding last.ckpt stops before training
     with the keys that fix it."""
@@ -329,7 +353,9 @@ def test_bad_images_skipped_named_counted(make_cfg, messy_folder, tmp_path, capl
     named in warnings, listed in skipped_images.tsv and counted in data/skipped."""
     root, bad = messy_folder
     caplog.set_level("WARNING", logger="lmim")
+    handler = signal.getsignal(signal.SIGTERM)
     result = train(bad_data_cfg(make_cfg, root, 0.2))
+    assert signal.getsignal(signal.SIGTERM) is handler  # the run's handlers are gone
     assert result["metrics"]["data/skipped"] == 2.0
     assert math.isfinite(result["metrics"]["train/loss"])
     report = (tmp_path / "run" / "skipped_images.tsv").read_text().splitlines()

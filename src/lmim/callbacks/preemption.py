@@ -109,13 +109,11 @@ class ResumeCheckpoint(ModelCheckpoint):
             signal.signal(signum, self._on_signal)
 
     def _restore_handlers(self) -> None:
+        # Before Trainer._teardown, which then restores the handlers from before fit().
         for signum, handler in self._previous_handlers.items():
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous_handlers = {}
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self._restore_handlers()
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
@@ -165,6 +163,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         raise PreemptedError(message, signum)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
         # ModelCheckpoint writes last.ckpt at the end only if it never wrote one; keep it current.
         if not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
