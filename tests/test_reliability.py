@@ -205,6 +205,7 @@ def test_sigkill_mid_epoch_then_rerun_resumes_to_same_weights(tmp_path, uninterr
     again = cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {last} (step {killed_at})" in again.stdout + again.stderr
+    assert "settings changed" not in again.stdout + again.stderr
     assert_same_weights(last, uninterrupted)
     csv_dir = tmp_path / "run" / "csv"
     first, second = loss_rows(csv_dir / "metrics.part1.csv"), loss_rows(csv_dir / "metrics.csv")
@@ -268,6 +269,63 @@ def test_ddp_preemption_of_one_process_stops_all_and_resumes(tmp_path):
     again = cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert_same_weights(last, tmp_path / "ref" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resumes_mid_epoch(workers):
+    """A loader restored from another's state_dict hands out exactly the rest of the epoch
+    (same samples, same augmentation), with and without worker processes; the next epoch is
+    never skipped into."""
+    from lmim.data import DemoDataModule
+
+    def make() -> DemoDataModule:
+        dm = DemoDataModule(
+            images=["astronaut"],
+            samples_per_epoch=12,
+            img_size=32,
+            batch_size=2,
+            num_workers=workers,
+            seed=3,
+        )
+        dm.setup("fit")
+        return dm
+
+    first = make().train_dataloader()
+    first.sampler.set_epoch(1)
+    batches = iter(first)
+    seen = [next(batches)[0] for _ in range(2)]
+    state = first.state_dict()
+    rest = [b[0] for b in batches]
+    assert state == {"epoch": 1, "batches": 2} and len(seen) + len(rest) == 6
+
+    resumed = make().train_dataloader()
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(1)  # what Lightning does at the epoch start
+    again = [b[0] for b in resumed]
+    assert len(again) == 4 and all(torch.equal(a, b) for a, b in zip(again, rest, strict=True))
+    resumed.sampler.set_epoch(2)  # a later epoch starts from its beginning
+    assert len(list(resumed)) == 6
+    complete = make().train_dataloader()
+    complete.load_state_dict({"epoch": 1, "batches": 6})
+    complete.sampler.set_epoch(2)  # the saved epoch was complete: Lightning starts the next
+    assert len(list(complete)) == 6
+
+
+def test_resume_warns_about_changed_settings(make_cfg, tmp_path, caplog, one_thread):
+    """Resuming with a changed setting says which, and the drawn seed (seed=null) of the first
+    run is kept in its checkpoint and reused."""
+    first = [*SMALL, "seed=null", "data.samples_per_epoch=8", "trainer.max_epochs=1"]
+    train(make_cfg(first))
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    seeds = ckpt["lmim_seed"], ckpt["DemoDataModule"]["seed"]  # masks, data
+    assert all(isinstance(s, int) for s in seeds)
+    caplog.set_level("WARNING", logger="lmim")
+    train(make_cfg([*first[:-1], "trainer.max_epochs=2", "optim.blr=2e-2"]))
+    warned = [r.getMessage() for r in caplog.records if "settings changed" in r.getMessage()]
+    assert len(warned) == 1 and "optim.blr: 0.01 -> 0.02" in warned[0]
+    assert "max_epochs" not in warned[0]
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert (ckpt["lmim_seed"], ckpt["DemoDataModule"]["seed"]) == seeds
 
 
 def test_existing_checkpoint_is_never_overwritten(make_cfg, tmp_path):

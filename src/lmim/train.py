@@ -91,17 +91,50 @@ def check_batches(trainer: L.Trainer, datamodule: L.LightningDataModule) -> None
         )
 
 
-def checkpoint_step(path: str) -> int:
-    """The global step stored in a checkpoint (read lazily); ConfigError if it is unreadable."""
+# Keys that may change between an interrupted run and its resumption without a warning.
+_RESUME_FREE = ("hydra", "paths", "run_id", "resume", "ckpt_path", "print_config_only", "logger")
+_RESUME_FREE_LEAVES = ("trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar")
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def read_checkpoint(path: str, config: dict | None = None) -> int:
+    """The global step of the checkpoint a run resumes from (read lazily, memory-mapped).
+
+    Warns about settings that differ from the checkpoint's run (they apply from now on).
+
+    Raises:
+        ConfigError: the checkpoint cannot be read.
+    """
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        return int(ckpt.get("global_step", 0))
+        step = int(ckpt.get("global_step", 0))
     except Exception as err:
         raise ConfigError(
             f"cannot resume from {path} ({type(err).__name__}: {err}): pass ckpt_path= another "
             "checkpoint (e.g. an epoch_XXXX.ckpt next to it), or start in a new folder "
             "(run_id=NAME)"
         ) from err
+    before = ckpt.get("lmim_config")
+    if isinstance(before, dict) and config is not None:
+        old, new = _leaves(before), _leaves(config)
+        changed = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+            and k.split(".")[0] not in _RESUME_FREE
+            and k not in _RESUME_FREE_LEAVES
+        ]
+        if changed:
+            log.warning("resuming with settings changed since %s: %s", path, "; ".join(changed))
+    return step
 
 
 @rank_zero_only
@@ -146,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     check_batches(trainer, datamodule)
     if ckpt_path is not None:
-        step = checkpoint_step(ckpt_path)
+        step = read_checkpoint(ckpt_path, module.config)
         log.info("resuming from %s (step %d)", ckpt_path, step)
         keep_csv_metrics(trainer.loggers)
     exit_code = 1
