@@ -342,6 +342,9 @@ def test_existing_checkpoint_is_never_overwritten(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"cannot resume from .*last\.ckpt"):
         train(make_cfg(SMALL))
     assert last.read_bytes() == b"progress"
+    # a missing explicit checkpoint is named with its key, in a fresh folder
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*missing\.ckpt .*FileNotFoundError"):
+        train(make_cfg([*SMALL, f"ckpt_path={tmp_path}/missing.ckpt"], tmp_path / "fresh"))
 
 
 # -- 2. bad data -------------------------------------------------------------------------------

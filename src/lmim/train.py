@@ -105,10 +105,15 @@ def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def read_checkpoint(path: str, config: dict | None = None) -> int:
-    """The global step of the checkpoint a run resumes from (read lazily, memory-mapped).
+def read_checkpoint(path: str, config: dict | None = None, explicit: bool = False) -> int:
+    """The global step of the checkpoint a run starts from (read lazily, memory-mapped).
 
     Warns about settings that differ from the checkpoint's run (they apply from now on).
+
+    Args:
+        path: the checkpoint.
+        config: this run's resolved config.
+        explicit: it was given as ``ckpt_path`` (not found by auto-resume).
 
     Raises:
         ConfigError: the checkpoint cannot be read.
@@ -117,9 +122,10 @@ def read_checkpoint(path: str, config: dict | None = None) -> int:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         step = int(ckpt.get("global_step", 0))
     except Exception as err:
+        what = f"ckpt_path={path} is" if explicit else f"cannot resume from {path},"
         raise ConfigError(
-            f"cannot resume from {path} ({type(err).__name__}: {err}): pass ckpt_path= another "
-            "checkpoint (e.g. an epoch_XXXX.ckpt next to it), or start in a new folder "
+            f"{what} not a readable checkpoint ({type(err).__name__}: {err}): pass ckpt_path= "
+            "another one (e.g. an epoch_XXXX.ckpt next to it), or start in a new folder "
             "(run_id=NAME)"
         ) from err
     before = ckpt.get("lmim_config")
@@ -179,7 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     check_batches(trainer, datamodule)
     if ckpt_path is not None:
-        step = read_checkpoint(ckpt_path, module.config)
+        step = read_checkpoint(ckpt_path, module.config, explicit=bool(cfg.get("ckpt_path")))
         log.info("resuming from %s (step %d)", ckpt_path, step)
         keep_csv_metrics(trainer.loggers)
     exit_code = 1
