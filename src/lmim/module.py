@@ -111,6 +111,7 @@ class LocalMIMModule(L.LightningModule):
         self._micro_batches = 0
         self._tap_names: list[str] = []
         self._rng_to_restore: list[dict] | None = None
+        self._mask_generators: dict[str, torch.Generator] = {}
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.net(images, mask)
@@ -129,26 +130,32 @@ class LocalMIMModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self._run_seed()  # on every process, so a drawn seed is shared
 
-    def step_mask(self, batch: int, batch_idx: int) -> torch.Tensor:
+    def step_mask(self, batch: int, batch_idx: int, device: torch.device) -> torch.Tensor:
         """This process's rows of the global batch's mask.
 
         Args:
             batch: images in this process's batch.
             batch_idx: the batch's index in the epoch (gives the micro-batch of accumulation).
+            device: where to draw it (the images' device: no host work or copy per step; the
+                draws, and so the masks, differ between device types).
 
         Returns:
-            (batch, L) bool mask on the CPU, True = masked: rows ``rank::world`` of the mask of
-            the ``batch x world`` global batch drawn with seed (seed, step, micro-batch).
+            (batch, L) bool mask, True = masked: rows ``rank::world`` of the mask of the
+            ``batch x world`` global batch drawn with seed (seed, step, micro-batch).
         """
         world, rank = self._world()
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         seed = derive_seed(self._run_seed(), MASK, self.global_step, batch_idx % accumulate)
-        generator = torch.Generator().manual_seed(seed)
-        return self.net.random_mask(batch * world, generator=generator)[rank::world]
+        key = str(device)
+        if key not in self._mask_generators:
+            self._mask_generators[key] = torch.Generator(device=device)
+        generator = self._mask_generators[key].manual_seed(seed)
+        full = self.net.random_mask(batch * world, device=device, generator=generator)
+        return full[rank::world]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out = self.net(images, self.step_mask(images.shape[0], batch_idx))
+        out = self.net(images, self.step_mask(images.shape[0], batch_idx, images.device))
         self._tap_names = list(out.losses)
         losses = torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())])
         losses = losses.float()
