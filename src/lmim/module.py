@@ -53,8 +53,8 @@ class LocalMIMModule(L.LightningModule):
     ``forward(images, mask) -> output.loss / output.losses`` and ``random_mask`` contract).
 
     Masks do not depend on how a global batch is split across processes: every process draws
-    the mask of the whole global batch from a generator seeded by (seed, optimizer step,
-    micro-batch) and keeps the rows of its own samples (rank, rank + world, ...: the
+    the mask of the whole global batch, on its device, from a generator seeded by (seed,
+    optimizer step, micro-batch) and keeps the rows of its own samples (rank, rank + world, ...: the
     ``DistributedSampler`` layout of :mod:`lmim.data.resumable`). The logged losses are those of
     the global batch (averaged over processes and accumulated micro-batches).
 
