@@ -253,7 +253,7 @@ class LocalMIMModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         batches = self.trainer.num_training_batches
         accum = self.trainer.accumulate_grad_batches
-        if not math.isinf(batches) and accum > batches:
+        if not self.trainer.fast_dev_run and 0 < batches < accum and not math.isinf(batches):
             raise ConfigError(
                 f"trainer.accumulate_grad_batches={accum} is more than the {batches} batches of "
                 f"an epoch on each of {self.trainer.world_size} process(es), so no update would "
