@@ -153,6 +153,8 @@ class _PretrainDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("seed") is not None:
             self.seed = int(state_dict["seed"])
+            if self.loader is not None:  # built before the restore (e.g. under FSDP)
+                self.loader.sampler.seed = self.train_set.seed = self.seed
         if "loader" in state_dict:
             if self.loader is not None:
                 self.loader.load_state_dict(state_dict["loader"])
