@@ -155,9 +155,21 @@ def test_wandb_offline_run_records_metrics(make_cfg, tmp_path):
 
 
 def test_wandb_finished_when_training_fails(make_cfg, tmp_path):
-    """A failure inside fit still finishes the W&B run and propagates the error."""
-    cfg = make_cfg([*TINY, "logger=wandb", "debug=limit", f"ckpt_path={tmp_path}/missing.ckpt"])
-    with pytest.raises(FileNotFoundError):
+    """A failure inside fit (here: a NaN loss stopping the run) still finishes the W&B run and
+    propagates the error."""
+    from lmim.errors import NonFiniteError
+
+    cfg = make_cfg(
+        [
+            *TINY,
+            "logger=wandb",
+            "debug=limit",
+            "optim.max_nonfinite_in_a_row=1",
+            "+callbacks.nan._target_=tests.hooks.NaNLoss",
+            "+callbacks.nan.start=0",
+        ]
+    )
+    with pytest.raises(NonFiniteError):
         train(cfg)
     import wandb
 

@@ -29,6 +29,13 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
         return compose(config_name, overrides=overrides)
 
 
+def check_choice(group: str, name: str) -> None:
+    """Raise :class:`ConfigError` listing the options unless ``conf/<group>/<name>.yaml`` exists."""
+    options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml"))
+    if name not in options:
+        raise ConfigError(f"unknown {group} '{name}': choose one of {', '.join(options)}")
+
+
 def _set(cfg: DictConfig, key: str, value: Any) -> None:
     for section in _SECTIONS:
         node = OmegaConf.select(cfg, section)
@@ -62,6 +69,10 @@ def create_pretrainer(
             schedule and data, e.g. ``img_size=192, mask_ratio=0.6, nbins=18, bias=True,
             isolate_gradients=True``.
 
+    Raises:
+        ConfigError: an unknown model, target or schedule name (the message lists the valid
+            ones), an unknown option, or a value that cannot work.
+
     Returns:
         :class:`lmim.models.LocalMIM`; ``model(images, mask=None)`` returns a
         :class:`lmim.models.LocalMIMOutput` (loss, per-tap losses, predictions, targets, mask).
@@ -70,6 +81,9 @@ def create_pretrainer(
         >>> net = create_pretrainer("vit_tiny", "hog", img_size=96)
         >>> out = net(torch.randn(2, 3, 96, 96))
     """
+    for group, name in (("model", model), ("target", target), ("schedule", schedule)):
+        if name:
+            check_choice(group, name)
     choices = [f"model={model}"]
     choices += [f"target={target}"] if target else []
     choices += [f"schedule={schedule}"] if schedule else []

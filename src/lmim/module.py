@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +14,10 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
-from lmim.errors import ConfigError
+from lmim.errors import ConfigError, NonFiniteError
+from lmim.seeding import MASK, derive_seed, rng_states, set_rng_states
+
+log = logging.getLogger("lmim")
 
 
 def no_decay_names(module: nn.Module) -> set[str]:
@@ -45,7 +50,17 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 class LocalMIMModule(L.LightningModule):
     """Pre-training loop around a :class:`lmim.models.LocalMIM` (or any model with the same
-    ``forward(images) -> output.loss / output.losses`` contract).
+    ``forward(images, mask) -> output.loss / output.losses`` and ``random_mask`` contract).
+
+    Masks do not depend on how a global batch is split across processes: every process draws
+    the mask of the whole global batch, on its device, from a generator seeded by (seed,
+    optimizer step, micro-batch) and keeps the rows of its own samples (rank, rank + world, ...: the
+    ``DistributedSampler`` layout of :mod:`lmim.data.resumable`). The logged losses are those of
+    the global batch (averaged over processes and accumulated micro-batches).
+
+    A step whose loss or gradient is not finite (on any process) is skipped: the optimizer does
+    not update (under fp16 the GradScaler also lowers its scale), ``train/nonfinite_steps``
+    counts it, and ``max_nonfinite_in_a_row`` such steps in a row raise :class:`NonFiniteError`.
 
     Args:
         net: the pre-training model.
@@ -56,6 +71,8 @@ class LocalMIMModule(L.LightningModule):
         warmup_epochs: linear warm-up from 0, in (fractional) epochs, stepped per optimizer step.
         warmup_steps: warm-up in optimizer steps; overrides ``warmup_epochs`` when set.
         config: the resolved run config, stored in checkpoints (``lmim_config``).
+        seed: seed of the masks; None draws one per run (kept in checkpoints).
+        max_nonfinite_in_a_row: skipped non-finite steps in a row that stop the run.
     """
 
     def __init__(
@@ -67,8 +84,15 @@ class LocalMIMModule(L.LightningModule):
         warmup_epochs: float = 40,
         warmup_steps: int | None = None,
         config: dict | None = None,
+        seed: int | None = 0,
+        max_nonfinite_in_a_row: int = 20,
     ) -> None:
         super().__init__()
+        if int(max_nonfinite_in_a_row) < 1:
+            raise ConfigError(
+                f"optim.max_nonfinite_in_a_row={max_nonfinite_in_a_row} must be >= 1 (skipped "
+                "non-finite steps in a row that stop the run), e.g. 20"
+            )
         self.net = net
         self.optimizer_factory = optimizer
         self.blr = blr
@@ -78,18 +102,143 @@ class LocalMIMModule(L.LightningModule):
         self.config = config
         self.lr: float | None = None
         self.global_batch: int | None = None
+        self.seed = seed
+        self.max_nonfinite_in_a_row = int(max_nonfinite_in_a_row)
+        self.nonfinite_steps = 0
+        self.nonfinite_streak = 0
+        # Sum over the micro-batches of this optimizer step of [loss, loss per tap...].
+        self._step_losses: torch.Tensor | None = None
+        self._micro_batches = 0
+        self._tap_names: list[str] = []
+        self._rng_to_restore: list[dict] | None = None
+        self._mask_generators: dict[str, torch.Generator] = {}
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.net(images, mask)
 
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+    def _run_seed(self) -> int:
+        if self.seed is None:
+            seed = secrets.randbits(62)
+            trainer = self._trainer
+            self.seed = int(trainer.strategy.broadcast(seed)) if trainer is not None else seed
+        return int(self.seed)
+
+    def setup(self, stage: str) -> None:
+        self._run_seed()  # on every process, so a drawn seed is shared
+
+    def step_mask(self, batch: int, batch_idx: int, device: torch.device) -> torch.Tensor:
+        """This process's rows of the global batch's mask.
+
+        Args:
+            batch: images in this process's batch.
+            batch_idx: the batch's index in the epoch (gives the micro-batch of accumulation).
+            device: where to draw it (the images' device: no host work or copy per step; the
+                draws, and so the masks, differ between device types).
+
+        Returns:
+            (batch, L) bool mask, True = masked: rows ``rank::world`` of the mask of the
+            ``batch x world`` global batch drawn with seed (seed, step, micro-batch).
+        """
+        world, rank = self._world()
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        seed = derive_seed(self._run_seed(), MASK, self.global_step, batch_idx % accumulate)
+        key = str(device)
+        if key not in self._mask_generators:
+            self._mask_generators[key] = torch.Generator(device=device)
+        generator = self._mask_generators[key].manual_seed(seed)
+        full = self.net.random_mask(batch * world, device=device, generator=generator)
+        return full[rank::world]
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out = self.net(images)
-        self.log("train/loss", out.loss, prog_bar=True)
-        for name, value in out.losses.items():
-            self.log(f"train/loss_{name}", value)
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        out = self.net(images, self.step_mask(images.shape[0], batch_idx, images.device))
+        self._tap_names = list(out.losses)
+        losses = torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())])
+        losses = losses.float()
+        self._step_losses = losses if self._step_losses is None else self._step_losses + losses
+        self._micro_batches += 1
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Log the global batch's losses and skip the update if anything is not finite.
+
+        Runs once per optimizer step after the (all-reduced, under fp16 possibly still scaled)
+        gradients are ready. All processes agree through one small all-reduce, followed by the
+        step's one host synchronisation.
+        """
+        if self._step_losses is None:  # no training_step of ours ran (e.g. manual calls)
+            return
+        world, _ = self._world()
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        losses = self._step_losses / self._micro_batches
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else losses.new_zeros(())
+        self._step_losses, self._micro_batches = None, 0
+        flags = torch.stack([~torch.isfinite(losses[0]), ~torch.isfinite(grad_norm.float())])
+        stats = torch.cat([losses, flags.to(losses)])
+        if world > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        *sums, loss_bad, grads_bad = stats.tolist()
+        means = [v / world for v in sums]
+        self.log("train/loss", means[0], prog_bar=True)
+        for name, value in zip(self._tap_names, means[1:], strict=True):
+            self.log(f"train/loss_{name}", value)
+        self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True)
+        if loss_bad or grads_bad:
+            self._skip_update(optimizer, grads_bad=bool(grads_bad))
+            self.nonfinite_steps += 1
+            self.nonfinite_streak += 1
+            log.warning(
+                "step %d: non-finite %s; update skipped (%d in a row, %d in all)",
+                self.global_step,
+                "gradient" if grads_bad else "loss",
+                self.nonfinite_streak,
+                self.nonfinite_steps,
+            )
+        else:
+            self.nonfinite_streak = 0
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if self.nonfinite_streak >= self.max_nonfinite_in_a_row:
+            first = self.global_step - self.nonfinite_streak + 1
+            raise NonFiniteError(
+                f"{self.nonfinite_streak} optimizer steps in a row (steps {first} to "
+                f"{self.global_step}) had a non-finite loss or gradient, the limit "
+                f"optim.max_nonfinite_in_a_row={self.max_nonfinite_in_a_row}; those steps did "
+                "not update the weights. Try a lower optim.blr, trainer.gradient_clip_val=1.0, "
+                "trainer.precision=bf16-mixed instead of 16-mixed, or check the data"
+            )
+
+    def _skip_update(self, optimizer: torch.optim.Optimizer, grads_bad: bool) -> None:
+        """Make the coming ``optimizer.step()`` a no-op for the weights and the optimizer state."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            # An optimizer that unscales inside step() (fused AdamW) under a GradScaler: the
+            # scaler skips the step (and lowers its scale) only if it finds an inf/NaN there.
+            if not grads_bad and params:
+                params[0].grad.fill_(float("nan"))
+            return
+        # Optimizers leave parameters without a gradient untouched (moments and step counts
+        # too); a GradScaler that already unscaled keeps its inf record and still backs off.
+        for p in params:
+            p.grad = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is not None:
+            states, self._rng_to_restore = self._rng_to_restore, None
+            world, rank = self._world()
+            if len(states) == world:
+                set_rng_states(states[rank], self.device)
+            else:
+                log.warning(
+                    "the checkpoint holds RNG states of %d processes, this run has %d: "
+                    "keeping the freshly seeded ones",
+                    len(states),
+                    world,
+                )
 
     def global_batch_size(self) -> int:
         dm = self.trainer.datamodule
@@ -102,11 +251,18 @@ class LocalMIMModule(L.LightningModule):
         self.global_batch = self.global_batch_size()
         self.lr = self.blr * self.global_batch / 256
         total = int(self.trainer.estimated_stepping_batches)
+        batches = self.trainer.num_training_batches
+        accum = self.trainer.accumulate_grad_batches
+        if not self.trainer.fast_dev_run and 0 < batches < accum and not math.isinf(batches):
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={accum} is more than the {batches} batches of "
+                f"an epoch on each of {self.trainer.world_size} process(es), so no update would "
+                "see the intended global batch: lower trainer.accumulate_grad_batches (or "
+                "data.batch_size, trainer.devices), or raise trainer.limit_train_batches"
+            )
         if self.warmup_steps is not None:
             warmup = int(self.warmup_steps)
         else:
-            batches = self.trainer.num_training_batches
-            accum = self.trainer.accumulate_grad_batches
             per_epoch = 1 if math.isinf(batches) else max(1, math.ceil(batches / accum))
             warmup = int(round(self.warmup_epochs * per_epoch))
         warmup = min(warmup, max(total - 1, 0))
@@ -133,3 +289,26 @@ class LocalMIMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.config is not None:
             checkpoint["lmim_config"] = self.config
+        checkpoint["lmim_seed"] = self.seed
+        checkpoint["lmim_nonfinite"] = {
+            "steps": self.nonfinite_steps,
+            "streak": self.nonfinite_streak,
+        }
+        # Every process's RNG states, by global rank (dropout / drop-path streams on resume).
+        world, _ = self._world()
+        states = rng_states(self.device)
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        checkpoint["lmim_rng_states"] = gathered
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("lmim_seed") is not None:
+            self.seed = int(checkpoint["lmim_seed"])
+        counts = checkpoint.get("lmim_nonfinite", {})
+        self.nonfinite_steps = int(counts.get("steps", 0))
+        self.nonfinite_streak = int(counts.get("streak", 0))
+        # Applied before the first batch, after the data loader has started.
+        self._rng_to_restore = checkpoint.get("lmim_rng_states")

@@ -2,11 +2,14 @@
 
 Every hyper-parameter lives in the Hydra configs under ``conf/`` (see ``--help``); a mistyped key
 is an error. Multirun sweeps (``-m target=hog,pixel``) give each job its own output folder.
+Re-running a command whose output folder holds ``checkpoints/last.ckpt`` resumes from it
+(``resume=true``; give the folder a fixed name with ``run_id=NAME``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,10 +18,13 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lmim.errors import ConfigError
+from lmim.callbacks import ResumeCheckpoint
+from lmim.errors import ConfigError, TrainingStoppedError
 from lmim.module import LocalMIMModule
+from lmim.resume import resume_checkpoint
 from lmim.utils import (
     build_callbacks,
     build_loggers,
@@ -44,6 +50,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LocalMIMModule]:
         warmup_epochs=cfg.optim.warmup_epochs,
         warmup_steps=cfg.optim.warmup_steps,
         config=to_container(cfg),
+        seed=cfg.get("seed"),
+        max_nonfinite_in_a_row=cfg.optim.get("max_nonfinite_in_a_row", 20),
     )
     return datamodule, module
 
@@ -60,23 +68,135 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError("trainer.devices=0: use a positive number, -1 (all) or auto")
 
 
+def check_batches(trainer: L.Trainer, datamodule: L.LightningDataModule) -> None:
+    """Before any process starts: every process gets a batch, and accumulation fits an epoch."""
+    world = trainer.num_devices * trainer.num_nodes
+    if hasattr(datamodule, "check_size"):
+        datamodule.check_size(world)
+    train_set, batch = getattr(datamodule, "train_set", None), getattr(datamodule, "batch_size", 0)
+    if train_set is None or not batch or trainer.fast_dev_run:
+        return
+    per_process = math.ceil(len(train_set) / world)
+    drop_last = getattr(datamodule, "drop_last", True)
+    batches = per_process // batch if drop_last else math.ceil(per_process / batch)
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    accumulate = trainer.accumulate_grad_batches
+    if 0 < batches < accumulate:
+        raise ConfigError(
+            f"trainer.accumulate_grad_batches={accumulate} is more than the {batches} batches of "
+            f"an epoch ({len(train_set)} images / (data.batch_size={batch} x {world} "
+            "process(es))), so no update would see the intended global batch: lower "
+            "trainer.accumulate_grad_batches (or data.batch_size, trainer.devices), or add images"
+        )
+
+
+# Keys that may change between an interrupted run and its resumption without a warning.
+_RESUME_FREE = ("hydra", "paths", "run_id", "resume", "ckpt_path", "print_config_only", "logger")
+_RESUME_FREE_LEAVES = ("trainer.max_epochs", "trainer.max_steps", "trainer.enable_progress_bar")
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def read_checkpoint(path: str, config: dict | None = None, explicit: bool = False) -> int:
+    """The global step of the checkpoint a run starts from (read lazily, memory-mapped).
+
+    Warns about settings that differ from the checkpoint's run (they apply from now on).
+
+    Args:
+        path: the checkpoint.
+        config: this run's resolved config.
+        explicit: it was given as ``ckpt_path`` (not found by auto-resume).
+
+    Raises:
+        ConfigError: the checkpoint cannot be read.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        step = int(ckpt.get("global_step", 0))
+    except Exception as err:
+        what = f"ckpt_path={path} is" if explicit else f"cannot resume from {path},"
+        raise ConfigError(
+            f"{what} not a readable checkpoint ({type(err).__name__}: {err}): pass ckpt_path= "
+            "another one (e.g. an epoch_XXXX.ckpt next to it), or start in a new folder "
+            "(run_id=NAME)"
+        ) from err
+    before = ckpt.get("lmim_config")
+    if isinstance(before, dict) and config is not None:
+        old, new = _leaves(before), _leaves(config)
+        changed = [
+            f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+            and k.split(".")[0] not in _RESUME_FREE
+            and k not in _RESUME_FREE_LEAVES
+        ]
+        if changed:
+            log.warning("resuming with settings changed since %s: %s", path, "; ".join(changed))
+    return step
+
+
+@rank_zero_only
+def keep_csv_metrics(loggers: list) -> None:
+    """Lightning's CSVLogger empties metrics.csv when it starts; on resume keep the interrupted
+    run's file as metrics.part<k>.csv next to the new one."""
+    for lg in loggers:
+        if isinstance(lg, L.pytorch.loggers.CSVLogger):
+            old = Path(lg.log_dir) / "metrics.csv"
+            if old.is_file():
+                k = 1
+                while (old.parent / f"metrics.part{k}.csv").exists():
+                    k += 1
+                old.rename(old.parent / f"metrics.part{k}.csv")
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one pre-training job from a composed config; returns paths and final metrics."""
+    """Run one pre-training job from a composed config; returns paths and final metrics.
+
+    Resumes from ``<output_dir>/checkpoints/last.ckpt`` when it exists and ``resume`` is on.
+
+    Raises:
+        ConfigError: a setting cannot work (before training).
+        TrainingStoppedError: training stopped on purpose (preemption, non-finite steps, bad data);
+            its ``checkpoint`` attribute names the last checkpoint, if any.
+    """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_trainer(cfg)
     datamodule, module = build(cfg)
     callbacks = build_callbacks(cfg.get("callbacks"))
+    keeper = next((cb for cb in callbacks if isinstance(cb, ResumeCheckpoint)), None)
+    last = (
+        keeper.resume_path
+        if keeper is not None
+        else Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    )
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), bool(cfg.get("resume", True)), last)
     loggers = build_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate_checked(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
     )
+    check_batches(trainer, datamodule)
+    if ckpt_path is not None:
+        step = read_checkpoint(ckpt_path, module.config, explicit=bool(cfg.get("ckpt_path")))
+        log.info("resuming from %s (step %d)", ckpt_path, step)
+        keep_csv_metrics(trainer.loggers)
     exit_code = 1
     try:
         for lg in trainer.loggers:
             lg.log_hyperparams(module.config)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         exit_code = 0
+    except TrainingStoppedError as err:
+        err.checkpoint = str(last) if last.is_file() else None
+        raise
     finally:
         finish_wandb(exit_code)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -106,6 +226,12 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         print(f"lmim: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except TrainingStoppedError as err:
+        if rank_zero_only.rank == 0:
+            where = getattr(err, "checkpoint", None)
+            kept = f" (last checkpoint: {where})" if where else ""
+            print(f"lmim: stopped: {err}{kept}", file=sys.stderr)
+        sys.exit(err.exit_code)
     if not result["global_zero"]:
         return None
     log.info("done: %s", {k: v for k, v in result.items() if k != "metrics"})

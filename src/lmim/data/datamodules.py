@@ -2,25 +2,49 @@
 
 from __future__ import annotations
 
+import math
 import os
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from lmim.data.images import ImageFiles, TrainSet, UnreadableImageError, collate, load_rgb
+from lmim.data.resumable import ResumableLoader, ResumableSampler
 from lmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
 from lmim.errors import ConfigError
 
 
 class _PretrainDataModule(L.LightningDataModule):
     """Shared loader settings. ``batch_size`` is per device; the global batch is
-    ``batch_size x devices x nodes x accumulate_grad_batches``."""
+    ``batch_size x devices x nodes x accumulate_grad_batches``.
+
+    The data order is a (seed, epoch) permutation split across processes like torch's
+    ``DistributedSampler`` (also with one process), and every sample's augmentation is seeded by
+    (seed, epoch, index): N processes see the global batches one process sees, and a resumed run
+    continues the interrupted epoch where it stopped (:mod:`lmim.data.resumable`).
+
+    Args:
+        img_size: crop side in pixels.
+        batch_size: images per device.
+        num_workers: loader worker processes.
+        crop_scale: RandomResizedCrop area range.
+        hflip: horizontal flip probability.
+        mean: normalisation mean.
+        std: normalisation std.
+        pin_memory: pin batches (on a GPU machine).
+        drop_last: drop each epoch's incomplete batch.
+        seed: shuffling and augmentation seed (the run's ``seed``); None draws one per run.
+        max_skipped_share: stop when more than this share of the images is unreadable.
+    """
 
     def __init__(
         self,
@@ -33,10 +57,17 @@ class _PretrainDataModule(L.LightningDataModule):
         std: Sequence[float] = IMAGENET_STD,
         pin_memory: bool = True,
         drop_last: bool = True,
+        seed: int | None = 0,
+        max_skipped_share: float = 0.01,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1 (images per device)")
+        if not 0.0 <= float(max_skipped_share) <= 1.0:
+            raise ConfigError(
+                f"data.max_skipped_share={max_skipped_share} must lie in [0, 1] (the share of "
+                "unreadable images tolerated), e.g. data.max_skipped_share=0.01"
+            )
         self.img_size = img_size
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -46,7 +77,19 @@ class _PretrainDataModule(L.LightningDataModule):
         self.std = tuple(std)
         self.pin_memory = pin_memory
         self.drop_last = drop_last
-        self.train_set: Dataset | None = None
+        self.seed = seed
+        self.max_skipped_share = float(max_skipped_share)
+        self.train_set: TrainSet | None = None
+        self.loader: ResumableLoader | None = None
+        self._loader_state: dict[str, int] | None = None
+
+    def _run_seed(self) -> int:
+        """The seed, drawn once per run (on rank 0, shared with every process) when None."""
+        if self.seed is None:
+            seed = secrets.randbits(62)
+            trainer = self.trainer
+            self.seed = int(trainer.strategy.broadcast(seed)) if trainer is not None else seed
+        return int(self.seed)
 
     def train_transform(self):
         return pretrain_transform(self.img_size, self.crop_scale, self.hflip, self.mean, self.std)
@@ -57,23 +100,66 @@ class _PretrainDataModule(L.LightningDataModule):
     def validate(self) -> None:
         """Raise :class:`ConfigError` if the data cannot be read; called before training."""
 
-    def train_dataloader(self) -> DataLoader:
+    def check_size(self, world_size: int) -> None:
+        """Raise :class:`ConfigError` unless every one of ``world_size`` processes gets a batch."""
         if self.train_set is None:
             self.setup("fit")
-        if self.drop_last and len(self.train_set) < self.batch_size:
+        n = len(self.train_set)
+        if self.drop_last and math.ceil(n / world_size) < self.batch_size:
+            procs = f" x {world_size} processes (trainer.devices x trainer.num_nodes)"
             raise ConfigError(
-                f"the training set has {len(self.train_set)} images, fewer than one batch "
-                f"(data.batch_size={self.batch_size}): lower data.batch_size or add images"
+                f"the training set has {n} images, fewer than one batch per process "
+                f"(data.batch_size={self.batch_size}{procs if world_size > 1 else ''}): lower "
+                f"data.batch_size{' or trainer.devices' if world_size > 1 else ''}, or add images"
             )
-        return DataLoader(
+
+    def train_dataloader(self) -> ResumableLoader:
+        if self.train_set is None:
+            self.setup("fit")
+        trainer = self.trainer
+        dist = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        world, rank = int(dist.get("num_replicas", 1)), int(dist.get("rank", 0))
+        self.check_size(world)
+        self.train_set.seed = self._run_seed()
+        sampler = ResumableSampler(self.train_set, world, rank, seed=self.train_set.seed)
+        self.loader = ResumableLoader(
             self.train_set,
+            sampler=sampler,
             batch_size=self.batch_size,
-            shuffle=True,
+            collate_fn=collate,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=self.drop_last,
             persistent_workers=self.num_workers > 0,
         )
+        if self._loader_state is not None:
+            self.loader.load_state_dict(self._loader_state)
+            self._loader_state = None
+        return self.loader
+
+    def state_dict(self) -> dict[str, Any]:
+        """The seed and the loader's position, saved in checkpoints by Lightning.
+
+        Lightning also saves the position through the loader's own ``state_dict``, but skips
+        restoring it when the loader was built before the checkpoint was restored (the lr
+        schedule's ``estimated_stepping_batches`` builds it in ``configure_optimizers``); the
+        DataModule's state is restored before that.
+        """
+        state: dict[str, Any] = {"seed": self.seed}
+        if self.loader is not None:
+            state["loader"] = self.loader.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed") is not None:
+            self.seed = int(state_dict["seed"])
+            if self.loader is not None:  # built before the restore (e.g. under FSDP)
+                self.loader.sampler.seed = self.train_set.seed = self.seed
+        if "loader" in state_dict:
+            if self.loader is not None:
+                self.loader.load_state_dict(state_dict["loader"])
+            else:
+                self._loader_state = dict(state_dict["loader"])
 
 
 class ImageFolderDataModule(_PretrainDataModule):
@@ -124,27 +210,32 @@ class ImageFolderDataModule(_PretrainDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             self.validate()
-            self.train_set = ImageFolder(str(self.split_dir), transform=self.train_transform())
+            # torchvision's scan (classes, extensions); decoding is lmim's (load_rgb).
+            files = ImageFolder(str(self.split_dir), loader=lambda p: p).samples
+            self.train_set = TrainSet(ImageFiles(files), self.train_transform(), seed=0)
 
     def preview_images(self, n: int) -> torch.Tensor:
-        """(n, 3, S, S) deterministic normalised views of the first images of distinct classes."""
+        """(n, 3, S, S) deterministic normalised views of the first readable images of distinct
+        classes."""
         if self.train_set is None:
             self.setup("fit")
-        ds: ImageFolder = self.train_set
-        picks, seen = [], set()
-        for path, label in ds.samples:
-            if label not in seen:
-                seen.add(label)
-                picks.append(path)
-            if len(picks) == n:
-                break
-        for path, _ in ds.samples:
-            if len(picks) >= n:
-                break
-            if path not in picks:
-                picks.append(path)
         tf = self.preview_transform()
-        return torch.stack([tf(ds.loader(p)) for p in picks])
+        views: list[torch.Tensor] = []
+        used: set[str] = set()
+        for distinct_classes in (True, False):
+            seen: set[int] = set()
+            for path, label in self.train_set.source.samples:
+                if len(views) == n:
+                    return torch.stack(views)
+                if path in used or (distinct_classes and label in seen):
+                    continue
+                seen.add(label)
+                used.add(path)
+                try:
+                    views.append(tf(load_rgb(path)))
+                except UnreadableImageError:
+                    continue
+        return torch.stack(views)
 
 
 # Colour and grey photographs bundled with scikit-image (CC0 / public domain; no download).
@@ -194,19 +285,19 @@ def load_demo_images(names: Sequence[str] = DEMO_IMAGES) -> list[Image.Image]:
 
 
 class RandomCrops(Dataset):
-    """An epoch of ``length`` random augmented views of a few photos; label = photo index."""
+    """An epoch of ``length`` samples cycling over a few photos; label = photo index. Wrapped in
+    a :class:`lmim.data.images.TrainSet`, each sample is a random augmented view."""
 
-    def __init__(self, images: Sequence[Image.Image], length: int, transform) -> None:
+    def __init__(self, images: Sequence[Image.Image], length: int) -> None:
         self.images = list(images)
         self.length = length
-        self.transform = transform
 
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def load(self, index: int) -> tuple[Image.Image, int]:
         label = index % len(self.images)
-        return self.transform(self.images[label]), label
+        return self.images[label], label
 
 
 class DemoDataModule(_PretrainDataModule):
@@ -240,9 +331,8 @@ class DemoDataModule(_PretrainDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = RandomCrops(
-                self.photos(), self.samples_per_epoch, self.train_transform()
-            )
+            crops = RandomCrops(self.photos(), self.samples_per_epoch)
+            self.train_set = TrainSet(crops, self.train_transform(), seed=0)
 
     def preview_images(self, n: int) -> torch.Tensor:
         """(n, 3, S, S) deterministic centre views of the first n photos."""

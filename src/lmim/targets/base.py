@@ -42,6 +42,15 @@ class Target(nn.Module):
         """Feature width of each output."""
         raise NotImplementedError
 
+    def _apply(self, fn, recurse: bool = True):
+        # Whole-model casts (Lightning's bf16-true / 16-true, ``model.half()``) would turn the
+        # fixed filters into half precision; targets are computed in float32, so keep them so.
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
