@@ -187,8 +187,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     eval_tf = create_transform(is_training=False, crop_pct=f.eval_crop_pct, **common)
     from lmim.data.fashion_mnist import FashionMNIST
 
-    train_set = FashionMNIST(dm.root, "train", train_tf, dm.train_limit, pil=True)
-    test_set = FashionMNIST(dm.root, "test", eval_tf, dm.test_limit, pil=True)
+    train_set = FashionMNIST(dm.root, "train", train_tf, dm.train_limit)
+    test_set = FashionMNIST(dm.root, "test", eval_tf, dm.test_limit)
     module = FinetuneModule(
         model,
         dm.num_classes,

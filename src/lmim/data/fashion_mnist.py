@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
 from lmim.data.datamodules import _PretrainDataModule
+from lmim.data.images import TrainSet
 from lmim.errors import ConfigError
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -78,43 +78,33 @@ def read_idx(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 class FashionMNIST(Dataset):
-    """One split as (3, S, S) float tensors and labels.
+    """One split as RGB PIL images (grey repeated) and labels.
+
+    Indexing applies ``transform``; :meth:`load` gives the raw image, which makes the split an
+    image source for the seeded, resumable training set (:class:`lmim.data.images.TrainSet`).
 
     Args:
         root: folder of the idx files (None = the Debian package's).
         split: "train" or "test".
-        transform: maps a (1, 28, 28) float tensor in [0, 1] to the model input.
+        transform: PIL image -> model input (None for :meth:`load` only).
         limit: keep only the first ``limit`` images (None = all).
-        pil: hand ``transform`` RGB PIL images instead of (1, 28, 28) tensors.
     """
 
-    def __init__(
-        self,
-        root: str | None,
-        split: str,
-        transform,
-        limit: int | None = None,
-        pil: bool = False,
-    ):
+    def __init__(self, root: str | None, split: str, transform=None, limit: int | None = None):
         self.images, self.labels = read_idx(find_root(root), split)
         if limit is not None:
             self.images, self.labels = self.images[:limit], self.labels[:limit]
         self.transform = transform
-        self.pil = pil
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if self.pil:  # RGB PIL image, for timm's transforms (RandAugment, ...)
-            img = Image.fromarray(self.images[index]).convert("RGB")
-        else:
-            img = torch.from_numpy(self.images[index].copy()).float().div_(255).unsqueeze(0)
-        return self.transform(img), int(self.labels[index])
-
-
-def _to_rgb(x: torch.Tensor) -> torch.Tensor:
-    return x.expand(3, -1, -1)
+        img, label = self.load(index)
+        return self.transform(img), label
 
 
 class FashionMNISTDataModule(_PretrainDataModule):
@@ -147,41 +137,16 @@ class FashionMNISTDataModule(_PretrainDataModule):
     def validate(self) -> None:
         find_root(self.root)
 
-    def train_transform(self):
-        return T.Compose(
-            [
-                T.Lambda(_to_rgb),
-                T.RandomResizedCrop(
-                    self.img_size,
-                    scale=self.crop_scale,
-                    interpolation=T.InterpolationMode.BICUBIC,
-                    antialias=True,
-                ),
-                T.RandomHorizontalFlip(self.hflip),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
-
-    def eval_transform(self):
-        return T.Compose(
-            [
-                T.Lambda(_to_rgb),
-                T.Resize(self.img_size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                T.Normalize(self.mean, self.std),
-            ]
-        )
-
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set = FashionMNIST(
-                self.root, "train", self.train_transform(), self.train_limit
-            )
+            source = FashionMNIST(self.root, "train", None, self.train_limit)
+            self.train_set = TrainSet(source, self.train_transform(), seed=0)
 
     def eval_dataset(self, split: str, limit: int | None = None) -> FashionMNIST:
         """A deterministic labelled split ("train" or "test") for kNN, probes and fine-tuning."""
         if limit is None:
             limit = self.train_limit if split == "train" else self.test_limit
-        return FashionMNIST(self.root, split, self.eval_transform(), limit)
+        return FashionMNIST(self.root, split, self.preview_transform(), limit)
 
     def eval_dataloader(self, split: str, limit: int | None = None) -> DataLoader:
         return DataLoader(
