@@ -585,7 +585,7 @@ def test_unknown_model_or_target_lists_the_valid_ones(tmp_path):
 
     with pytest.raises(ConfigError, match=r"model 'vit_zz'.*vit_b, vit_h, vit_l, vit_s"):
         create_pretrainer("vit_zz", "hog")
-    with pytest.raises(ConfigError, match=r"target 'hug'.*hog, pixel"):
+    with pytest.raises(ConfigError, match=r"target 'hug'.*hog, hog18, pixel"):
         create_pretrainer("vit_test", "hug")
     proc = cli("model=vit_zz", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert proc.returncode != 0
