@@ -155,7 +155,8 @@ class LocalMIMModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
-        out = self.net(images, self.step_mask(images.shape[0], batch_idx, images.device))
+        mask = self.step_mask(images.shape[0], batch_idx, images.device)
+        out = self.net(images, mask, from_random_mask=True)
         self._tap_names = list(out.losses)
         losses = torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())])
         losses = losses.float()

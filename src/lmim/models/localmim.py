@@ -170,13 +170,23 @@ class LocalMIM(nn.Module):
             return m.expand(batch, -1)
         return random_mask(batch, self.num_patches, self.mask_ratio, device, generator)
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> LocalMIMOutput:
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        from_random_mask: bool = False,
+    ) -> LocalMIMOutput:
         """One pre-training forward.
 
         Args:
             images: (B, 3, H, W) ImageNet-normalised images.
             mask: (B, L) patch mask, 1/True = masked, raster order, used as given; every row
-                must mask the same number of patches. None draws a random mask per sample.
+                must mask the same number of patches. None draws a random mask per sample
+                (one for the batch with ``share_mask``).
+            from_random_mask: ``mask`` comes from :meth:`random_mask` (e.g. rows of a
+                global batch's mask, as the LightningModule draws it): the row counts are known,
+                so they are not checked (no GPU sync), and with ``share_mask`` the rows are
+                equal, so indices (and a pyramid's attention bias) are computed once.
 
         Returns:
             :class:`LocalMIMOutput` with the total loss, per-tap losses, predictions, targets,
@@ -184,11 +194,12 @@ class LocalMIM(nn.Module):
         """
         num_keep = None
         shared = False
-        if mask is None:
-            mask = self.random_mask(images.shape[0], images.device)
+        if mask is None or from_random_mask:
+            if mask is None:
+                mask = self.random_mask(images.shape[0], images.device)
             num_keep = num_visible(self.num_patches, self.mask_ratio)
             shared = self.share_mask
-        elif mask.shape != (images.shape[0], self.num_patches):
+        if mask.shape != (images.shape[0], self.num_patches):
             raise ConfigError(
                 f"mask has shape {tuple(mask.shape)}, expected (batch, patches) = "
                 f"({images.shape[0]}, {self.num_patches})"
