@@ -1,9 +1,12 @@
-"""Training-step throughput of a LocalMIM pre-training model on the current device.
+"""Training-step throughput of pre-training models on the current device.
 
 Times forward + backward + AdamW step on random images (no data loading), and the target alone,
-then prints a table. Examples:
+then prints a table. ``--compare`` times several methods for the same encoder in one process,
+interleaving their steps so that a busy machine slows them alike, and prints the time ratio next
+to the FLOP ratio. Examples:
 
     python benchmarks/throughput.py --model vit_b --target hog --batch 8            # CPU
+    python benchmarks/throughput.py --model vit_b --compare localmim,mae --batch 8  # ratio
     python benchmarks/throughput.py --model vit_b --batch 256 --precision bf16 --compile  # GPU
 """
 
@@ -12,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 from hydra.utils import instantiate
 
 from lmim import compose_config, create_pretrainer
+from lmim.callbacks.perf import count_flops_per_image
 from lmim.module import param_groups
 
 
@@ -25,30 +30,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call after ``warmup`` untimed calls."""
+def timed(fns: list[Callable[[], None]], steps: int, warmup: int, device: torch.device):
+    """Median seconds per call of each function; after ``warmup`` untimed rounds, the functions
+    take turns, one call each per round, so that load from elsewhere hits them alike."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync(device)
-    times = []
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(steps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for fn, ts in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t0)
+    return [sorted(ts)[len(ts) // 2] for ts in times]
 
 
-def bench(args: argparse.Namespace) -> dict:
-    device = torch.device(
-        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+def setup(args: argparse.Namespace, method: str, device: torch.device) -> dict:
+    """The model of one method, its optimiser, and closures for a training step and the target."""
     torch.manual_seed(0)
     options = {"img_size": args.img_size} if args.img_size else {}
-    net = create_pretrainer(args.model, args.target, args.schedule, **options).to(device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    net = create_pretrainer(args.model, args.target, args.schedule, method=method, **options)
+    net = net.to(device)
     # The optimizer of conf/optim/adamw.yaml (fused AdamW, betas 0.9/0.95, wd 0.05).
     optim = instantiate(compose_config().optim.optimizer)
     opt = optim(param_groups(net, 0.05), lr=1e-4)
@@ -75,33 +79,65 @@ def bench(args: argparse.Namespace) -> dict:
         with autocast():
             net.target(images)
 
-    t_step = timed(step, args.steps, args.warmup, device)
-    t_target = timed(target_only, args.steps, 1, device)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    target_name = type(net.target).__name__
     return {
-        "model": args.model,
-        "target": args.target or "default",
-        "img": size,
-        "batch": args.batch,
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu x{torch.get_num_threads()} threads",
-        "precision": args.precision + (" +compile" if args.compile else ""),
-        "ms/step": 1000 * t_step,
-        "img/s": args.batch / t_step,
-        "target ms": 1000 * t_target,
-        "target share": t_target / t_step,
-        "peak GiB": mem,
+        "net": net,
+        "step": step,
+        "target_only": target_only,
+        "size": size,
+        "target": target_name,
+        "gflops": count_flops_per_image(net, args.batch, (3, size, size)) / 1e9,
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def bench(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    methods = args.compare.split(",") if args.compare else [args.method]
+    runs = [setup(args, m, device) for m in methods]
+    t_steps = timed([r["step"] for r in runs], args.steps, args.warmup, device)
+    t_targets = timed([r["target_only"] for r in runs], args.steps, 1, device)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu x{torch.get_num_threads()} threads"
+    )
+    rows = []
+    for method, run, t_step, t_target in zip(methods, runs, t_steps, t_targets, strict=True):
+        rows.append(
+            {
+                "method": method,
+                "model": args.model,
+                "target": run["target"],
+                "img": run["size"],
+                "batch": args.batch,
+                "device": name,
+                "precision": args.precision + (" +compile" if args.compile else ""),
+                "GFLOP/img": run["gflops"],
+                "ms/step": 1000 * t_step,
+                "img/s": args.batch / t_step,
+                "target ms": 1000 * t_target,
+                "target share": t_target / t_step,
+                "peak GiB": mem,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--model", default="vit_b")
-    p.add_argument("--target", default=None, help="default: the model's (hog; hog18 for Swin)")
-    p.add_argument("--schedule", default=None)
+    p.add_argument("--method", default="localmim", help="conf/method: localmim or mae")
+    p.add_argument("--compare", default=None, help="methods to time together, e.g. localmim,mae")
+    p.add_argument("--target", default=None, help="default: the method's (hog / pixel)")
+    p.add_argument("--schedule", default=None, help="default: the method's")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--img-size", type=int, default=None, help="default: the config's 224")
     p.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
@@ -110,21 +146,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     args = p.parse_args(argv)
-    row = bench(args)
-    cols = list(row)
+    rows = bench(args)
+    cols = list(rows[0])
     fmt = {
+        "GFLOP/img": "{:.1f}",
         "ms/step": "{:.1f}",
         "img/s": "{:.1f}",
         "target ms": "{:.1f}",
         "target share": "{:.1%}",
         "peak GiB": "{:.2f}",
     }
-    cells = [fmt.get(c, "{}").format(row[c]) for c in cols]
-    widths = [max(len(c), len(v)) for c, v in zip(cols, cells, strict=True)]
+    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
-    print(" | ".join(v.ljust(w) for v, w in zip(cells, widths, strict=True)))
-    return row
+    for row in cells:
+        print(" | ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+    if len(rows) > 1:
+        a, *others = rows
+        for b in others:
+            print(
+                f"{a['method']}/{b['method']} per step: {a['ms/step'] / b['ms/step']:.3f} "
+                f"(FLOPs per image: {a['GFLOP/img']:.1f} / {b['GFLOP/img']:.1f} GFLOP = "
+                f"{a['GFLOP/img'] / b['GFLOP/img']:.3f})"
+            )
+    return rows
 
 
 if __name__ == "__main__":

@@ -20,26 +20,30 @@ os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 os.environ.pop("WANDB_API_KEY", None)
 
 
+def compose_cfg(overrides: Sequence[str], output_dir, config_name: str = "train") -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with overrides, as ``python -m lmim.train`` would.
+
+    The Hydra runtime (run name, choices) is set, and outputs go to ``output_dir``.
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(tmp_path) -> Callable[..., DictConfig]:
-    """Compose ``conf/train.yaml`` with overrides, as ``python -m lmim.train`` would.
-
-    The Hydra runtime (run name, choices) is set, and outputs go to a per-test folder.
-    """
+    """:func:`compose_cfg` with outputs in a per-test folder (``<tmp>/run`` by default)."""
 
     def _make(
         overrides: Sequence[str] = (), output_dir=None, config_name: str = "train"
     ) -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name, overrides=list(overrides), return_hydra_config=True)
-        out = str(output_dir or tmp_path / "run")
-        with open_dict(cfg):
-            cfg.paths.output_dir = out
-            cfg.hydra.runtime.output_dir = out
-            cfg.hydra.job.num = 0
-        HydraConfig.instance().set_config(cfg)
-        return cfg
+        return compose_cfg(overrides, output_dir or tmp_path / "run", config_name)
 
     yield _make
     GlobalHydra.instance().clear()

@@ -53,18 +53,21 @@ def create_pretrainer(
     target: str | None = None,
     schedule: str | None = None,
     overrides: Sequence[str] = (),
+    method: str = "localmim",
     **options: Any,
 ):
-    """Build a LocalMIM pre-training model as a plain ``nn.Module``.
+    """Build a pre-training model as a plain ``nn.Module``.
 
     Args:
         model: a config of ``conf/model`` (vit_tiny, vit_s, vit_b, vit_l, vit_h, vit_test,
             swin_t, swin_b, swin_b_w14, swin_l, swin_test).
-        target: a config of ``conf/target`` (hog, hog18, pixel); None = the model's default
-            (hog for ViTs, hog18 for Swin).
+        target: a config of ``conf/target`` (hog, hog18, pixel); None = the method's and
+            model's (LocalMIM: hog for ViTs, hog18 for Swin; MAE: pixel).
         schedule: a config of ``conf/schedule`` (localmim, isolated, top_only, single_scale);
-            None = localmim.
+            None = the method's (LocalMIM: localmim, MAE: top_only).
         overrides: Hydra override strings, e.g. ``["model.decoder_dim=128"]``.
+        method: a config of ``conf/method``: ``localmim`` or ``mae`` (top tap only, normalised
+            pixels, 8 x 512 x 16-head decoder).
         **options: single values by leaf name, looked up in model, model.encoder, target,
             schedule and data, e.g. ``img_size=192, mask_ratio=0.6, nbins=18, bias=True,
             isolate_gradients=True``.
@@ -80,13 +83,15 @@ def create_pretrainer(
     Example:
         >>> net = create_pretrainer("vit_tiny", "hog", img_size=96)
         >>> out = net(torch.randn(2, 3, 96, 96))
+        >>> mae = create_pretrainer("vit_b", method="mae")  # MAE ViT-B, 111,655,680 parameters
     """
-    for group, name in (("model", model), ("target", target), ("schedule", schedule)):
+    for group, name in (("model", model), ("method", method), ("target", target),
+                        ("schedule", schedule)):
         if name:
             check_choice(group, name)
-    choices = [f"model={model}"]
-    choices += [f"target={target}"] if target else []
-    choices += [f"schedule={schedule}"] if schedule else []
+    choices = [f"model={model}", f"method={method}"]
+    choices += [f"target={target}"] if target is not None else []
+    choices += [f"schedule={schedule}"] if schedule is not None else []
     cfg = compose_config([*choices, *overrides])
     with open_dict(cfg):
         for key, value in options.items():

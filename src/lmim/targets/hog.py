@@ -74,28 +74,65 @@ class HOG(Target):
         return [self.in_chans * self.nbins] * len(self.cell_sizes)
 
     def gradients(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B * C, 2, H, W) Sobel responses (left-right, top-bottom)."""
-        B, C, H, W = images.shape
-        x = F.pad(images.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect")
-        return F.conv2d(x, self.sobel)
+        """(B, C, H, W) -> (B * C, 2, H, W) Sobel responses (left-right, top-bottom).
 
-    def histogram(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B * C, 2, H, W) gradients -> (B, C * nbins, H, W) hard-assigned magnitudes."""
+        The separable form of the 3x3 Sobel filters on the reflect-padded channel: a difference
+        two pixels apart, then a (1, 2, 1) smoothing across it. Equal to ``conv2d`` with
+        :attr:`sobel` and 4x cheaper on CPUs than a 2-output-channel convolution.
+        """
+        B, C, H, W = images.shape
+        x = F.pad(images.reshape(B * C, 1, H, W), (1, 1, 1, 1), mode="reflect")[:, 0]
+        d = x[:, :, :-2] - x[:, :, 2:]  # left - right, (BC, H + 2, W)
+        s = x[:, :-2] - x[:, 2:]  # top - bottom, (BC, H, W + 2)
+        g_lr = d[:, :-2] + 2 * d[:, 1:-1] + d[:, 2:]
+        g_tb = s[:, :, :-2] + 2 * s[:, :, 1:-1] + s[:, :, 2:]
+        return torch.stack([g_lr, g_tb], dim=1)
+
+    def _bins(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B * C, 2, H, W) gradients -> (B * C, H, W) magnitudes and their orientation bins."""
         g0, g1 = grad[:, 0], grad[:, 1]
         mag = torch.sqrt(g0 * g0 + g1 * g1)
         phase = torch.atan2(g0, g1)
         idx = torch.floor(phase * (self.nbins / math.pi)).long().remainder_(self.nbins)
+        return mag, idx
+
+    def histogram(self, grad: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B * C, 2, H, W) gradients -> (B, C * nbins, H, W) hard-assigned magnitudes."""
+        mag, idx = self._bins(grad)
         hist = torch.zeros(
             grad.shape[0], self.nbins, *grad.shape[-2:], dtype=grad.dtype, device=grad.device
         )
         hist.scatter_(1, idx.unsqueeze(1), mag.unsqueeze(1))
         return hist.reshape(batch, -1, *grad.shape[-2:])
 
+    def cell_histogram(self, grad: torch.Tensor, batch: int, cell: int) -> torch.Tensor:
+        """(B * C, 2, H, W) gradients -> (B, C * nbins, H / cell, W / cell): the histogram
+        averaged over ``cell`` x ``cell`` cells, ``pool_cells(histogram(grad), cell)`` without
+        the per-pixel histogram (each pixel's magnitude is added straight to its cell's bin)."""
+        mag, idx = self._bins(grad)
+        BC, H, W = mag.shape
+        h, w = H // cell, W // cell
+        rows = torch.arange(H, device=grad.device) // cell
+        cols = torch.arange(W, device=grad.device) // cell
+        where = (rows[:, None] * w + cols[None, :]).expand(BC, H, W)  # cell of each pixel
+        slot = (idx * (h * w) + where).reshape(BC, -1)
+        out = mag.new_zeros(BC, self.nbins * h * w)
+        out.scatter_add_(1, slot, mag.reshape(BC, -1))
+        return out.div_(cell * cell).reshape(batch, -1, h, w)
+
+    def _pooled(self, grad: torch.Tensor, batch: int, cell: float) -> torch.Tensor:
+        # scatter_add_ adds in a racy order on GPUs: keep the per-pixel map in deterministic mode.
+        racy = grad.is_cuda and torch.are_deterministic_algorithms_enabled()
+        if float(cell).is_integer() and not racy:
+            return self.cell_histogram(grad, batch, int(cell))
+        return pool_cells(self.histogram(grad, batch), cell)
+
     def normalize(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C * nbins, h, w) -> (B, h * w, C * nbins), L2-normalised per colour channel."""
         B, _, h, w = pooled.shape
         x = pooled.reshape(B, self.in_chans, self.nbins, h, w)
-        x = F.normalize(x, p=2.0, dim=2, eps=1e-12)
+        # F.normalize(x, dim=2) spelled out: its norm kernel is slow across a strided dim on CPUs
+        x = x / x.square().sum(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
         return x.reshape(B, -1, h * w).transpose(1, 2)
 
     def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -105,19 +142,22 @@ class HOG(Target):
         grad = self.gradients(images)
         outs: list[torch.Tensor] = []
         if self.bias is None:
-            # One histogram for every scale; nested cells pool from the finer pooled map.
-            hist = self.histogram(grad, B)
+            # One histogram for every scale: the finest cells are summed from the pixels, and
+            # coarser nested cells pool the finer pooled map.
             pooled: dict[float, torch.Tensor] = {}
             for cell in self.cell_sizes:
                 if cell not in pooled:
-                    src, src_cell = hist, 1
+                    src, src_cell = None, 1
                     for c, p in pooled.items():
                         if c > src_cell and float(cell / c).is_integer() and float(c).is_integer():
                             src, src_cell = p, c
-                    pooled[cell] = pool_cells(src, cell / src_cell)
+                    if src is None:
+                        pooled[cell] = self._pooled(grad, B, cell)
+                    else:
+                        pooled[cell] = pool_cells(src, cell / src_cell)
                 outs.append(self.normalize(pooled[cell]))
             return outs
         for k, cell in enumerate(self.cell_sizes):
             biased = grad + self.bias[k].view(1, 2, 1, 1)
-            outs.append(self.normalize(pool_cells(self.histogram(biased, B), cell)))
+            outs.append(self.normalize(self._pooled(biased, B, cell)))
         return outs

@@ -1,0 +1,471 @@
+"""Budgets: baselines in the same harness, device-hour accounting, W&B runs and the report."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import inspect
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from lmim import create_pretrainer
+from lmim.callbacks import PerfMonitor
+from lmim.callbacks.perf import DEVICE_HOURS, count_flops_per_image, peak_tflops
+from lmim.module import LocalMIMModule
+from lmim.report import ReportError, Run, load_runs, main, plot, report
+from lmim.targets import NormalizedPixels
+from lmim.train import build, train
+from lmim.utils import config_dir
+from lmim.wandb_file import WandbFileError, read_wandb_file
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = [o for o in TINY if not o.startswith("logger=")]
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return [{k: v for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+
+
+# ---- baselines as configs ----------------------------------------------------------------------
+
+
+def test_mae_vit_b_is_the_released_mae(make_cfg):
+    """method=mae on ViT-B/16 has exactly the released MAE's 111,655,680 trainable parameters
+    (encoder + final norm, decoder 8 x 512 x 16 heads, per-patch pixel head) and reconstructs
+    normalised 16-px patches at the top layer only; the training config builds the same model."""
+    net = create_pretrainer("vit_b", method="mae")
+    assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 111_655_680
+    assert net.taps == [11] and net.scales == [1.0] and net.tap_names == ["block11"]
+    assert isinstance(net.target, NormalizedPixels) and net.target.normalize
+    assert net.cell_sizes == [16]
+    (decoder,) = net.decoders
+    assert decoder.embed.out_features == 512 and len(decoder.blocks) == 8
+    assert decoder.blocks[0].attn.num_heads == 16
+    assert isinstance(decoder.rescale, nn.Identity) and decoder.proj.out_channels == 16 * 16 * 3
+    out = net(torch.randn(1, 3, 224, 224))
+    assert list(out.losses) == ["block11"]
+    assert [tuple(p.shape) for p in out.preds] == [(1, 196, 768)]
+    assert int(out.weights[0].sum()) == 196 - 49  # loss on the masked patches only
+
+    cfg = make_cfg(["method=mae"])
+    from_config = instantiate(cfg.model)
+    shapes = {n: tuple(p.shape) for n, p in from_config.named_parameters()}
+    assert shapes == {n: tuple(p.shape) for n, p in net.named_parameters()}
+
+
+def _experiments() -> list[str | None]:
+    return [None, *sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("experiment", _experiments())
+def test_methods_share_data_optimizer_and_trainer(make_cfg, experiment):
+    """With every experiment, method=mae swaps target, schedule and decoder and nothing else;
+    the target node has only keys its class takes (no HOG keys left on pixels)."""
+    base = [f"experiment={experiment}"] if experiment else []
+    cfgs = {}
+    for method in ("localmim", "mae"):
+        cfg = cfgs[method] = make_cfg([*base, f"method={method}"])
+        params = inspect.signature(get_class(cfg.target._target_)).parameters
+        assert {k for k in cfg.target if not k.startswith("_")} <= set(params), method
+        # ${hydra:...} resolves against the config composed last: resolve before the next one
+        resolved = OmegaConf.to_container(
+            OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
+        )
+        assert resolved["labels"]["method"] == method
+        assert f"method:{method}" in resolved["tags"]
+        assert resolved["run_name"].split("-")[1] == method
+    mae, local = cfgs["mae"], cfgs["localmim"]
+    assert mae.hydra.runtime.choices.target == "pixel"
+    assert mae.hydra.runtime.choices.schedule == "top_only"
+    assert (mae.model.decoder_dim, mae.model.decoder_depth, mae.model.decoder_heads) == (512, 8, 16)
+    assert local.hydra.runtime.choices.target in ("hog", "hog18")
+    assert (local.model.decoder_dim, local.model.decoder_depth) == (256, 1)
+    for group in ("data", "optim", "trainer", "callbacks"):
+        assert mae[group] == local[group], group
+    assert mae.model.encoder == local.model.encoder and mae.task_name == local.task_name
+
+
+def test_command_line_choice_beats_the_method(make_cfg):
+    """method=mae target=hog: an explicit group choice wins (MAE's decoder on HOG targets)."""
+    cfg = make_cfg([*TINY_RUN, "method=mae", "target=hog"])
+    net = instantiate(cfg.model)
+    assert type(net.target).__name__ == "HOG" and net.taps == [7]
+    assert net.decoders[0].embed.out_features == 512
+
+
+@pytest.mark.parametrize(
+    ("schedule", "taps", "scales"),
+    [("top_only", [7], [1.0]), ("single_scale", [1, 3, 5, 7], [1.0] * 4)],
+)
+def test_ablation_schedules(make_cfg, schedule, taps, scales):
+    """top_only: LocalMIM's decoder on the top tap; single_scale: the encoder's paper taps, all
+    at the patch scale (16-px cells)."""
+    net = instantiate(make_cfg([*TINY_RUN, f"schedule={schedule}"]).model)
+    assert net.taps == taps and net.scales == scales and net.cell_sizes == [16] * len(taps)
+    assert net.decoders[0].embed.out_features == 256 and len(net.decoders[0].blocks) == 1
+    out = net(torch.randn(2, 3, 64, 64))
+    assert [tuple(p.shape) for p in out.preds] == [(2, 16, 27)] * len(taps)
+
+
+# ---- device-hour accounting --------------------------------------------------------------------
+
+
+def test_device_hours_match_the_wall_clock_of_a_fit(make_cfg, tmp_path):
+    """Under a real Trainer with gradient accumulation: device-hours within 10% of the measured
+    wall-clock of fit (1 device), images seen = optimizer steps x global batch, a per-epoch
+    split, and a non-decreasing logged series ending at the total."""
+    cfg = make_cfg([*TINY_RUN, "data.samples_per_epoch=96", "callbacks=none"])
+    datamodule, module = build(cfg)
+    module.warmup_steps = 2
+    perf = PerfMonitor(window=5)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=[perf],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    wall = time.perf_counter() - t0
+    hours = perf.summary[DEVICE_HOURS]
+    assert abs(hours * 3600 - wall) <= 0.10 * wall, (hours * 3600, wall)
+    assert trainer.global_step == 2 * (96 // 8) // 2
+    assert perf.images_seen == trainer.global_step * 8 * 2 == 192
+    rows = read_rows(tmp_path / "csv" / "metrics.csv")
+    series = [float(r[DEVICE_HOURS]) for r in rows if DEVICE_HOURS in r]
+    assert series == sorted(series) and series[-1] == pytest.approx(hours, rel=1e-6)
+    assert float(rows[-1]["perf/images_seen"]) == 192
+    epochs = [float(r["perf/epoch_device_hours"]) for r in rows if "perf/epoch_device_hours" in r]
+    assert len(epochs) == 2 and 0.5 * hours < sum(epochs) <= hours
+
+
+class SlowImages(Dataset):
+    """Random 64-px images, each taking ``delay`` seconds to load."""
+
+    def __init__(self, n: int, delay: float) -> None:
+        self.n, self.delay = n, delay
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        time.sleep(self.delay)
+        return torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i))
+
+
+class SlowData(L.LightningDataModule):
+    def __init__(self, delay: float, n: int = 32, batch_size: int = 4) -> None:
+        super().__init__()
+        self.delay, self.n, self.batch_size = delay, n, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(SlowImages(self.n, self.delay), batch_size=self.batch_size)
+
+
+def _fit_on(datamodule: L.LightningDataModule, tmp_path: Path) -> tuple[PerfMonitor, list[dict]]:
+    torch.manual_seed(0)
+    net = create_pretrainer("vit_test", img_size=64)
+    module = LocalMIMModule(net, optimizer=torch.optim.AdamW, warmup_steps=1)
+    perf = PerfMonitor(window=4)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="csv", version=""),
+        callbacks=[perf],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return perf, read_rows(tmp_path / "csv" / "metrics.csv")
+
+
+def test_slow_loader_shows_as_data_wait(tmp_path):
+    """A loader that sleeps 20 ms per image is seen waiting at least that long, and its share
+    of the loop's time is far above a fast loader's."""
+    slow, slow_rows = _fit_on(SlowData(0.02), tmp_path / "slow")
+    fast, fast_rows = _fit_on(SlowData(0.0), tmp_path / "fast")
+    assert slow.summary["perf/data_wait_hours"] * 3600 >= 0.9 * 32 * 0.02
+    share = {
+        name: float(
+            next(r for r in rows if "perf/epoch_data_wait_frac" in r)["perf/epoch_data_wait_frac"]
+        )
+        for name, rows in (("slow", slow_rows), ("fast", fast_rows))
+    }
+    assert share["slow"] > 0.3 and share["fast"] < share["slow"] / 2, share
+    steps = [float(r["perf/data_wait_frac"]) for r in slow_rows if "perf/data_wait_frac" in r]
+    assert len(steps) == 8 and all(0.0 <= s <= 1.0 for s in steps)
+
+
+def test_flops_counted_on_fake_tensors_equal_a_real_count():
+    """FLOPs per image from fake tensors equal FlopCounterMode on a real forward + backward, and
+    counting leaves gradients and the random-number state alone. MAE's decoder costs more."""
+    torch.manual_seed(0)
+    net = create_pretrainer("vit_test", img_size=64)
+    rng = torch.get_rng_state()
+    flops = count_flops_per_image(net, 4, (3, 64, 64))
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in net.parameters())
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(4, 3, 64, 64)).loss.backward()
+    assert flops == counter.get_total_flops() / 4 and flops > 0
+    mae = create_pretrainer("vit_test", method="mae", img_size=64)
+    assert count_flops_per_image(mae, 4, (3, 64, 64)) > 2 * flops
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "matmul", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", "highest", 989.4),
+        ("NVIDIA H100 PCIe", "bf16-mixed", "highest", 756.5),
+        ("NVIDIA H200", "16-mixed", "highest", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "32-true", "highest", 19.5),
+        ("NVIDIA A100-SXM4-80GB", "32-true", "high", 156.0),
+        ("NVIDIA L40S", "bf16-mixed", "highest", 362.1),
+        ("NVIDIA L4", "bf16-mixed", "highest", 121.0),
+        ("Tesla V100-SXM2-32GB", "32-true", "high", 15.7),
+        ("Tesla T4", "16-mixed", "highest", 65.0),
+        ("NVIDIA GeForce RTX 4090", "bf16-mixed", "highest", 165.2),
+        ("Some Future GPU", "bf16-mixed", "highest", None),
+        ("NVIDIA A100-SXM4-80GB", "64-true", "highest", None),
+    ],
+)
+def test_peak_table(name, precision, matmul, expected):
+    """Dense datasheet peaks by device name and precision (TF32 when float32 matmuls may use
+    it); unknown devices give None (no MFU unless callbacks.perf.peak_tflops is set)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul)
+    try:
+        assert peak_tflops(name, precision) == expected
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_mfu_uses_the_configured_peak(make_cfg):
+    """callbacks.perf.peak_tflops gives MFU = FLOPs per image x images/s per device / peak."""
+    cfg = make_cfg([*TINY_RUN, "logger=csv", "debug=limit", "callbacks.perf.peak_tflops=0.5"])
+    result = train(cfg)
+    rows = read_rows(Path(result["metrics_csv"]))
+    hparams = OmegaConf.load(Path(result["metrics_csv"]).parent / "hparams.yaml")
+    gflops = float(hparams["perf/gflops_per_image"])
+    assert gflops == pytest.approx(0.38, rel=0.05)
+    assert hparams["perf/peak_tflops"] == 0.5 and hparams["perf/num_devices"] == 1
+    mfu = [r for r in rows if "perf/mfu" in r]
+    assert len(mfu) == 6
+    for r in mfu:
+        expected = gflops * 1e9 * float(r["perf/images_per_sec_per_device"]) / 0.5e12
+        assert float(r["perf/mfu"]) == pytest.approx(expected, rel=1e-4)
+    memory = [float(r["perf/max_memory_gb"]) for r in rows if "perf/max_memory_gb" in r]
+    assert len(memory) == 6 and memory[-1] > 0.1  # the process's peak resident memory, GiB
+
+
+def test_resumed_run_keeps_counting(make_cfg, tmp_path):
+    """Device-hours and images seen continue from a checkpoint instead of restarting at 0."""
+    tiny = [*TINY_RUN, "logger=csv", "debug=limit"]
+    first = train(make_cfg([*tiny, "trainer.max_epochs=1"], tmp_path / "a"))
+    before = read_rows(Path(first["metrics_csv"]))[-1]
+    second = train(
+        make_cfg([*tiny, f"ckpt_path={first['checkpoint']}"], tmp_path / "b")
+    )
+    rows = read_rows(Path(second["metrics_csv"]))
+    step_rows = [r for r in rows if "perf/images_seen" in r and "train/loss" in r]
+    assert float(step_rows[0]["perf/images_seen"]) == 4 * 8
+    assert float(step_rows[0][DEVICE_HOURS]) > float(before[DEVICE_HOURS])
+    assert float(rows[-1]["perf/images_seen"]) == 6 * 8
+
+
+# ---- a real budget sweep: W&B runs and the report ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """The README's budget sweep, shrunk: `-m method=localmim,mae` on the tiny ViT, two jobs
+    logging to W&B (offline) and CSV."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmim.train",
+            "-m",
+            "method=localmim,mae",
+            *TINY_RUN,
+            "logger=many",
+            "debug=limit",
+            "trainer.max_epochs=3",
+            "task_name=budget_test",
+            f"hydra.sweep.dir={tmp}/sweep",
+        ],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "sweep"
+
+
+def test_wandb_offline_run_has_the_device_hours_series(sweep):
+    """Each job's offline W&B run holds a growing perf/device_hours series, uses it as the step
+    metric of the losses, and is named, grouped and tagged for comparison."""
+    files = sorted(sweep.glob("*/wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    for f, method in zip(files, ("localmim", "mae"), strict=True):
+        run = read_wandb_file(f)
+        assert run.exit_code == 0
+        hours = [row[DEVICE_HOURS] for row in run.history if DEVICE_HOURS in row]
+        assert len(hours) >= 9 and hours == sorted(hours) and hours[0] > 0
+        losses = [row for row in run.history if "train/loss" in row]
+        assert len(losses) == 9 and all(DEVICE_HOURS in row for row in losses)
+        assert run.metrics["train/loss"]["step_metric"] == DEVICE_HOURS
+        assert run.metrics["perf/images_per_sec"]["step_metric"] == DEVICE_HOURS
+        schedule, target = ("localmim", "hog") if method == "localmim" else ("top_only", "pixel")
+        assert run.name == f"vit_test-{method}-{target}-{schedule}-3ep"
+        assert run.group == "budget_test"
+        assert {f"method:{method}", "model:vit_test", "budget:3ep"} <= set(run.tags)
+        assert run.config["labels"]["method"] == method
+        assert run.config["perf/gflops_per_image"] > 0
+
+
+def test_wandb_file_reader_tolerates_a_cut_tail_and_catches_damage(sweep, tmp_path):
+    """A run still being written (cut tail) reads up to the cut; a flipped byte is an error."""
+    src = next(sweep.glob("0/wandb/offline-run-*/run-*.wandb")).read_bytes()
+    full = read_wandb_file(next(sweep.glob("0/wandb/offline-run-*/run-*.wandb")))
+    cut = tmp_path / "run-cut.wandb"
+    cut.write_bytes(src[: len(src) // 2])
+    partial = read_wandb_file(cut)
+    assert 0 < len(partial.history) < len(full.history) and partial.exit_code is None
+    bad = bytearray(src)
+    bad[len(src) // 3] ^= 0xFF
+    damaged = tmp_path / "run-bad.wandb"
+    damaged.write_bytes(bytes(bad))
+    with pytest.raises(WandbFileError):
+        read_wandb_file(damaged)
+
+
+def _has_colour(png: Path, rgb: tuple[float, float, float], min_pixels: int = 50) -> bool:
+    import matplotlib.image
+
+    img = matplotlib.image.imread(png)[..., :3]
+    return int((np.abs(img - np.array(rgb)).max(axis=-1) < 0.02).sum()) >= min_pixels
+
+
+def test_report_compares_both_methods(sweep, tmp_path):
+    """`lmim.report` on the sweep writes a PNG with one line per method and a Markdown table
+    with a row per method; offline W&B logs and CSV logs give the same numbers."""
+    import matplotlib.pyplot as plt
+
+    result = report([str(sweep)], tmp_path / "out")
+    assert sorted(r.method for r in result["runs"]) == ["localmim", "mae"]
+    md = result["markdown"].read_text()
+    assert "| localmim | vit_test-localmim-hog-localmim-3ep | 3ep | 9 | 72 |" in md
+    assert "| mae | vit_test-mae-pixel-top_only-3ep | 3ep | 9 | 72 |" in md
+    assert "budget.png" in md
+    png = result["png"]
+    for i in range(2):  # tab10 colours 0 and 1: one line per method
+        assert _has_colour(png, plt.get_cmap("tab10")(i)[:3]), i
+    assert not _has_colour(png, plt.get_cmap("tab10")(2)[:3])
+
+    from_csv = report([str(sweep)], tmp_path / "csv", source="csv")
+    by_method = {r["method"]: r for r in result["rows"]}
+    for row in from_csv["rows"]:
+        other = by_method[row["method"]]
+        assert row["device-hours"] == pytest.approx(other["device-hours"], rel=1e-5)
+        assert row["final loss"] == pytest.approx(other["final loss"], rel=1e-6)
+
+    assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "budget.png").stat().st_size > 10_000
+
+
+def test_report_accuracy_panel_and_errors(tmp_path, capsys):
+    """Runs logging an accuracy get a second panel (accuracy against device-hours, the budgets
+    of a method joined by one line); inputs without runs stop with one clear line."""
+
+    def run(method: str, hours: float, acc: float) -> Run:
+        rows = [
+            {DEVICE_HOURS: hours * t, "train/loss": 1.0 - 0.5 * t, "trainer/global_step": 10 * t}
+            for t in (0.25, 0.5, 1.0)
+        ]
+        rows.append({DEVICE_HOURS: hours, "eval/top1": acc})
+        return Run(f"{method}-{hours}", {"method": method, "model": "vit_b"}, "g", rows, "x")
+
+    runs = [run("localmim", 70, 83.3), run("localmim", 1120, 84.0), run("mae", 1760, 83.6)]
+    png = plot(runs, tmp_path / "acc.png", "eval/top1")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(png).shape[1] == 12 * 120  # two panels
+    assert main([str(tmp_path / "nothing-here")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no run below"):
+        load_runs([str(tmp_path / "empty")])
+
+
+# ---- throughput comparison and the Slurm launcher ------------------------------------------
+
+
+def test_throughput_compare_times_both_methods(capsys):
+    """benchmarks/throughput.py --compare localmim,mae times both for one model and prints the
+    ratio of their step times next to the FLOP ratio."""
+    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks/throughput.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(
+        [
+            "--model",
+            "vit_test",
+            "--img-size",
+            "64",
+            "--compare",
+            "localmim,mae",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--batch",
+            "2",
+        ]
+    )
+    assert [r["method"] for r in rows] == ["localmim", "mae"]
+    assert [r["target"] for r in rows] == ["HOG", "NormalizedPixels"]
+    assert rows[0]["GFLOP/img"] < rows[1]["GFLOP/img"]
+    assert all(math.isfinite(r["ms/step"]) and r["ms/step"] > 0 for r in rows)
+    assert "localmim/mae per step:" in capsys.readouterr().out
+
+
+def test_slurm_launcher_config(make_cfg):
+    """hydra/launcher=slurm is hydra-submitit-launcher's Slurm launcher sized from the trainer:
+    one task per GPU on trainer.num_nodes nodes."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = make_cfg(["hydra/launcher=slurm", "experiment=vit_b_100ep", "method=mae"])
+    launcher = instantiate(cfg.hydra.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher"
+    p = launcher.params
+    assert (p["nodes"], p["gpus_per_node"], p["tasks_per_node"]) == (1, 8, 8)
+    assert p["name"] == "vit_b_100ep" and p["timeout_min"] > 0
