@@ -96,7 +96,9 @@ def test_methods_share_data_optimizer_and_trainer(make_cfg, experiment):
     assert mae.hydra.runtime.choices.schedule == "top_only"
     assert (mae.model.decoder_dim, mae.model.decoder_depth, mae.model.decoder_heads) == (512, 8, 16)
     assert local.hydra.runtime.choices.target in ("hog", "hog18")
-    assert (local.model.decoder_dim, local.model.decoder_depth) == (256, 1)
+    swin = "Swin" in local.model.encoder._target_
+    assert local.model.decoder_dim == ([64, 128, 128, 128] if swin else 256)
+    assert local.model.decoder_depth == 1
     for group in ("data", "optim", "trainer", "callbacks"):
         assert mae[group] == local[group], group
     assert mae.model.encoder == local.model.encoder and mae.task_name == local.task_name
