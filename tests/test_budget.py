@@ -208,7 +208,8 @@ def _fit_on(datamodule: L.LightningDataModule, tmp_path: Path) -> tuple[PerfMoni
 
 def test_slow_loader_shows_as_data_wait(tmp_path):
     """A loader that sleeps 20 ms per image is seen waiting at least that long, and its share
-    of the loop's time is far above a fast loader's."""
+    of the loop's time is many times a fast loader's (shares, not thresholds: the steps' own
+    time depends on how busy the machine is)."""
     slow, slow_rows = _fit_on(SlowData(0.02), tmp_path / "slow")
     fast, fast_rows = _fit_on(SlowData(0.0), tmp_path / "fast")
     assert slow.summary["perf/data_wait_hours"] * 3600 >= 0.9 * 32 * 0.02
@@ -218,7 +219,7 @@ def test_slow_loader_shows_as_data_wait(tmp_path):
         )
         for name, rows in (("slow", slow_rows), ("fast", fast_rows))
     }
-    assert share["slow"] > 0.3 and share["fast"] < share["slow"] / 2, share
+    assert share["slow"] > 5 * share["fast"], share
     steps = [float(r["perf/data_wait_frac"]) for r in slow_rows if "perf/data_wait_frac" in r]
     assert len(steps) == 8 and all(0.0 <= s <= 1.0 for s in steps)
 
@@ -290,9 +291,7 @@ def test_resumed_run_keeps_counting(make_cfg, tmp_path):
     tiny = [*TINY_RUN, "logger=csv", "debug=limit"]
     first = train(make_cfg([*tiny, "trainer.max_epochs=1"], tmp_path / "a"))
     before = read_rows(Path(first["metrics_csv"]))[-1]
-    second = train(
-        make_cfg([*tiny, f"ckpt_path={first['checkpoint']}"], tmp_path / "b")
-    )
+    second = train(make_cfg([*tiny, f"ckpt_path={first['checkpoint']}"], tmp_path / "b"))
     rows = read_rows(Path(second["metrics_csv"]))
     step_rows = [r for r in rows if "perf/images_seen" in r and "train/loss" in r]
     assert float(step_rows[0]["perf/images_seen"]) == 4 * 8

@@ -13,6 +13,7 @@ from lmim.utils import config_dir
 from tests.conftest import TINY, TINY_MODEL
 
 GROUPS = [
+    "method",
     "model",
     "target",
     "schedule",
@@ -36,7 +37,8 @@ def test_groups_exist():
         assert options(group), group
     assert {"vit_tiny", "vit_s", "vit_b", "vit_l", "vit_h"} <= set(options("model"))
     assert {"hog", "pixel"} <= set(options("target"))
-    assert {"localmim", "isolated"} <= set(options("schedule"))
+    assert {"localmim", "isolated", "top_only", "single_scale"} <= set(options("schedule"))
+    assert {"localmim", "mae"} <= set(options("method"))
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))

@@ -121,6 +121,13 @@ def _batch_size(batch: Any) -> int:
     raise TypeError(f"cannot tell the batch size of a {type(batch).__name__}")
 
 
+def _host(metrics: dict[str, float]) -> dict[str, torch.Tensor]:
+    """float64 CPU tensors: Lightning keeps a logged value on its tensor's device, so logging
+    them needs no copy to the GPU (a blocking copy would wait for the queued GPU work every
+    step), and float64 keeps image counts exact past 2^24."""
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in metrics.items()}
+
+
 def _host_peak_memory_gb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports KiB, macOS bytes.
@@ -257,7 +264,7 @@ class PerfMonitor(L.Callback):
                 per_device = rate / self._world
                 metrics["perf/mfu"] = self.flops_per_image * per_device / (self.peak_tflops * 1e12)
         metrics["perf/max_memory_gb"] = self._peak_memory_gb(pl_module.device)
-        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        pl_module.log_dict(_host(metrics), on_step=True, on_epoch=False)
         if self.wandb_x_axis and len(trainer.callback_metrics) != self._num_keys:
             # Keys the module logs (per-tap losses, evaluation, ...) appear as training goes.
             self._num_keys = len(trainer.callback_metrics)
@@ -274,7 +281,7 @@ class PerfMonitor(L.Callback):
             "perf/epoch_images_per_sec": images / seconds,
             "perf/epoch_data_wait_frac": (self._wait - self._epoch["wait"]) / seconds,
         }
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True)
+        pl_module.log_dict(_host(metrics), on_step=False, on_epoch=True)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.summary = {
