@@ -183,11 +183,13 @@ class LocalMIMModule(L.LightningModule):
         if world > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         *sums, loss_bad, grads_bad = stats.tolist()
-        means = [v / world for v in sums]
+        # Host tensors: Lightning would turn Python floats into device tensors (one copy each).
+        means = [torch.tensor(v / world, dtype=torch.float64) for v in sums]
         self.log("train/loss", means[0], prog_bar=True)
         for name, value in zip(self._tap_names, means[1:], strict=True):
             self.log(f"train/loss_{name}", value)
-        self.log("lr", optimizer.param_groups[0]["lr"], prog_bar=True)
+        lr = torch.tensor(optimizer.param_groups[0]["lr"], dtype=torch.float64)
+        self.log("lr", lr, prog_bar=True)
         if loss_bad or grads_bad:
             self._skip_update(optimizer, grads_bad=bool(grads_bad))
             self.nonfinite_steps += 1
