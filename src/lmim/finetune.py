@@ -19,13 +19,13 @@ from omegaconf import DictConfig
 from timm.data import Mixup, create_transform
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lmim.errors import ConfigError
 from lmim.export import encoder_state_dict, load_pretrainer, timm_model
+from lmim.module import warmup_cosine
 from lmim.utils import build_loggers, config_dir, finish_wandb, instantiate_checked
 
 log = logging.getLogger("lmim")
@@ -146,17 +146,7 @@ class FinetuneModule(L.LightningModule):
         )
         total = int(self.trainer.estimated_stepping_batches)
         per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        warmup = min(int(round(self.warmup_epochs * per_epoch)), max(total - 1, 0))
-        sched = CosineLRScheduler(
-            opt,
-            t_initial=max(total - warmup, 1),
-            lr_min=self.min_lr,
-            warmup_t=warmup,
-            warmup_lr_init=0.0,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, total, int(round(self.warmup_epochs * per_epoch)), self.min_lr)
 
     def lr_scheduler_step(self, scheduler, metric=None) -> None:
         scheduler.step_update(num_updates=self.global_step)

@@ -48,6 +48,23 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> dict:
+    """Lightning's optimizer config with timm's per-update schedule: linear warm-up from 0 over
+    ``warmup_steps`` (capped below ``total_steps``), then a half cosine to ``min_lr``. Modules
+    using it step it with ``scheduler.step_update(num_updates=self.global_step)``."""
+    warmup = min(warmup_steps, max(total_steps - 1, 0))
+    sched = CosineLRScheduler(
+        optimizer,
+        t_initial=max(total_steps - warmup, 1),
+        lr_min=min_lr,
+        warmup_t=warmup,
+        warmup_lr_init=0.0,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 class LocalMIMModule(L.LightningModule):
     """Pre-training loop around a :class:`lmim.models.LocalMIM` (or any model with the same
     ``forward(images, mask) -> output.loss / output.losses`` and ``random_mask`` contract).
@@ -268,18 +285,8 @@ class LocalMIMModule(L.LightningModule):
         else:
             per_epoch = 1 if math.isinf(batches) else max(1, math.ceil(batches / accum))
             warmup = int(round(self.warmup_epochs * per_epoch))
-        warmup = min(warmup, max(total - 1, 0))
         opt = self.optimizer_factory(param_groups(self.net, self._weight_decay()), lr=self.lr)
-        sched = CosineLRScheduler(
-            opt,
-            t_initial=max(total - warmup, 1),
-            lr_min=self.min_lr,
-            warmup_t=warmup,
-            warmup_lr_init=0.0,
-            warmup_prefix=True,
-            t_in_epochs=False,
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return warmup_cosine(opt, total, warmup, self.min_lr)
 
     def _weight_decay(self) -> float:
         wd = getattr(self.optimizer_factory, "keywords", {}).get("weight_decay")
