@@ -48,6 +48,29 @@ def rescale_head(dim: int, scale: float) -> tuple[nn.Module, int]:
     return nn.Sequential(*layers), ch
 
 
+def decoder_body(
+    in_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float
+) -> tuple[nn.Linear, nn.Sequential, nn.LayerNorm]:
+    """What every local decoder shares: a Linear from the tap's width, ``depth`` timm Blocks
+    (qkv bias, LayerNorm eps 1e-6) and a final LayerNorm, with the MAE init (xavier Linear)."""
+    if dim % num_heads:
+        raise ConfigError(
+            f"model.decoder_dim={dim} is not divisible by model.decoder_heads={num_heads}"
+        )
+    norm_layer = partial(nn.LayerNorm, eps=1e-6)
+    embed = nn.Linear(in_dim, dim)
+    blocks = nn.Sequential(
+        *[
+            Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
+            for _ in range(depth)
+        ]
+    )
+    norm = norm_layer(dim)
+    for m in (embed, blocks, norm):
+        m.apply(init_linear_and_norm)
+    return embed, blocks, norm
+
+
 class ViTLocalDecoder(nn.Module):
     """The decoder of one ViT tap.
 
@@ -74,31 +97,17 @@ class ViTLocalDecoder(nn.Module):
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ConfigError(
-                f"model.decoder.dim={dim} is not divisible by model.decoder.num_heads={num_heads}"
-            )
         self.grid_size = tuple(grid_size)
         self.out_grid = scaled_grid(self.grid_size, scale)
         self.scale = scale
-        self.embed = nn.Linear(in_dim, dim)
+        self.embed, self.blocks, self.norm = decoder_body(in_dim, dim, depth, num_heads, mlp_ratio)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer(
             "pos_embed", sincos_2d(dim, self.grid_size, cls_token=True), persistent=False
         )
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.Sequential(
-            *[
-                Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(depth)
-            ]
-        )
-        self.norm = norm_layer(dim)
         self.rescale, ch = rescale_head(dim, scale)
+        # 1x1 conv to the target width; the convs keep PyTorch's default init.
         self.proj = nn.Conv2d(ch, out_dim, kernel_size=1)
-        # Linear/LayerNorm get the MAE init; the convs keep PyTorch's default init.
-        self.embed.apply(init_linear_and_norm)
-        self.blocks.apply(init_linear_and_norm)
         nn.init.normal_(self.mask_token, std=0.02)
 
     @torch.jit.ignore
@@ -159,10 +168,6 @@ class SwinLocalDecoder(nn.Module):
         mlp_ratio: float = 4.0,
     ) -> None:
         super().__init__()
-        if dim % num_heads:
-            raise ConfigError(
-                f"model.decoder_dim={dim} is not divisible by model.decoder_heads={num_heads}"
-            )
         k = scale_exponent(scale)
         if k < 0:
             raise ConfigError(
@@ -172,19 +177,11 @@ class SwinLocalDecoder(nn.Module):
         self.grid_size = tuple(grid_size)
         self.side = 1 << k
         self.out_grid = scaled_grid(self.grid_size, scale)
-        self.embed = nn.Linear(in_dim, dim)
+        self.embed, self.blocks, self.norm = decoder_body(in_dim, dim, depth, num_heads, mlp_ratio)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
         self.register_buffer("pos_embed", sincos_2d(dim, self.out_grid), persistent=False)
-        norm_layer = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.Sequential(
-            *[
-                Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=norm_layer)
-                for _ in range(depth)
-            ]
-        )
-        self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, out_dim)
-        self.apply(init_linear_and_norm)
+        init_linear_and_norm(self.head)
         nn.init.normal_(self.mask_token, std=0.02)
 
     @torch.jit.ignore
