@@ -59,3 +59,14 @@ TINY_MODEL = [
     "logger=csv",
 ]
 TINY = [*TINY_MODEL, "data=demo", "data.samples_per_epoch=32"]
+
+
+@pytest.fixture(autouse=True)
+def _close_progress_bars():
+    """Close progress bars a failing fit left open, inside the test (whose output is captured),
+    rather than at interpreter exit, after pytest's summary line."""
+    yield
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
