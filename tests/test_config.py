@@ -125,3 +125,14 @@ def test_empty_data_root(make_cfg, tmp_path):
     cfg = make_cfg([*TINY_MODEL, "data=imagefolder", f"data.root={tmp_path / 'data'}"])
     with pytest.raises(ConfigError, match="holds no images"):
         build(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "label"),
+    [([], "1600ep"), (["trainer.max_epochs=-1", "trainer.max_steps=500"], "500steps")],
+)
+def test_budget_label(make_cfg, override, label):
+    """Runs are labelled with their budget: epochs, or steps for step-limited runs."""
+    cfg = make_cfg(override)
+    assert cfg.labels.budget == label
+    assert f"budget:{label}" in list(cfg.tags)

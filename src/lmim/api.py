@@ -85,8 +85,12 @@ def create_pretrainer(
         >>> out = net(torch.randn(2, 3, 96, 96))
         >>> mae = create_pretrainer("vit_b", method="mae")  # MAE ViT-B, 111,655,680 parameters
     """
-    for group, name in (("model", model), ("method", method), ("target", target),
-                        ("schedule", schedule)):
+    for group, name in (
+        ("model", model),
+        ("method", method),
+        ("target", target),
+        ("schedule", schedule),
+    ):
         if name:
             check_choice(group, name)
     choices = [f"model={model}", f"method={method}"]

@@ -17,6 +17,15 @@ from lmim.errors import ConfigError
 log = logging.getLogger("lmim")
 
 
+def _budget_label(max_epochs: int, max_steps: int) -> str:
+    """``100ep`` for an epoch budget, ``5000steps`` for a run limited by steps."""
+    return f"{max_steps}steps" if int(max_epochs) < 0 and int(max_steps) > 0 else f"{max_epochs}ep"
+
+
+# Used by conf/train.yaml's labels.budget.
+OmegaConf.register_new_resolver("lmim.budget", _budget_label, replace=True)
+
+
 def config_dir() -> Path:
     """The Hydra config folder: ``conf/`` of a checkout, or ``lmim/conf`` inside a wheel."""
     here = Path(__file__).resolve().parent
