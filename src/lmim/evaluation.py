@@ -95,3 +95,50 @@ def knn_accuracy(
     scores = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
     metric = MulticlassAccuracy(num_classes=num_classes, average="micro")
     return float(metric(scores, test_labels))
+
+
+# -- plumbing shared by the evaluation entry points (lmim.linprobe, lmim.finetune) -------------
+
+
+def labelled_datamodule(cfg):
+    """Seed the run, then build and check the ``data`` group, which must carry labels."""
+    import lightning as L
+
+    from lmim.errors import ConfigError
+    from lmim.utils import instantiate_checked
+
+    L.seed_everything(cfg.seed, workers=True)
+    dm = instantiate_checked(cfg.data)
+    dm.validate()
+    if not hasattr(dm, "eval_dataset"):
+        raise ConfigError(f"data={cfg.data._target_} has no labels: use data=fashion_mnist")
+    return dm
+
+
+def fit_top1(cfg, module, train_loader: DataLoader, val_loader: DataLoader) -> float:
+    """Fit ``module`` with the ``trainer`` and ``logger`` groups; return its ``val/top1``.
+    The W&B run is finished also when fitting fails."""
+    from lmim.utils import build_loggers, finish_wandb, instantiate_checked
+
+    loggers = build_loggers(cfg.get("logger"))
+    trainer = instantiate_checked(cfg.trainer, logger=loggers or False, callbacks=[])
+    try:
+        trainer.fit(module, train_loader, val_loader)
+    finally:
+        finish_wandb()
+    return float(trainer.callback_metrics["val/top1"])
+
+
+def run_entry_point(run, cfg) -> float:
+    """Run an evaluation job; a ConfigError becomes one line on stderr and exit status 2."""
+    import sys
+
+    from lmim.errors import ConfigError
+
+    try:
+        result = run(cfg)
+    except ConfigError as err:
+        print(f"lmim: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"val/top1: {result['val/top1']:.4f}")
+    return result["val/top1"]

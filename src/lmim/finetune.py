@@ -10,7 +10,6 @@ cosine. ``val/top1`` is the test accuracy (torchmetrics).
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import hydra
@@ -24,9 +23,10 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
 from lmim.errors import ConfigError
+from lmim.evaluation import fit_top1, labelled_datamodule, run_entry_point
 from lmim.export import encoder_state_dict, load_pretrainer, timm_model
 from lmim.module import warmup_cosine
-from lmim.utils import build_loggers, config_dir, finish_wandb, instantiate_checked
+from lmim.utils import config_dir
 
 log = logging.getLogger("lmim")
 
@@ -154,11 +154,7 @@ class FinetuneModule(L.LightningModule):
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Build the classifier and data, fine-tune, return the test top-1 (``val/top1``)."""
-    L.seed_everything(cfg.seed, workers=True)
-    dm = instantiate_checked(cfg.data)
-    dm.validate()
-    if not hasattr(dm, "eval_dataset"):
-        raise ConfigError(f"data={cfg.data._target_} has no labels: use data=fashion_mnist")
+    dm = labelled_datamodule(cfg)
     f = cfg.finetune
     model, report = build_classifier(
         cfg.checkpoint, cfg.init_model, cfg.data.img_size, dm.num_classes, f.drop_path_rate
@@ -191,31 +187,20 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         f.smoothing,
         dm.batch_size,
     )
-    loggers = build_loggers(cfg.get("logger"))
-    trainer = instantiate_checked(cfg.trainer, logger=loggers or False, callbacks=[])
     loader = dict(batch_size=dm.batch_size, num_workers=dm.num_workers)
-    try:
-        trainer.fit(
-            module,
-            DataLoader(train_set, shuffle=True, drop_last=True, **loader),
-            DataLoader(test_set, **loader),
-        )
-    finally:
-        finish_wandb()
-    top1 = float(trainer.callback_metrics["val/top1"])
+    top1 = fit_top1(
+        cfg,
+        module,
+        DataLoader(train_set, shuffle=True, drop_last=True, **loader),
+        DataLoader(test_set, **loader),
+    )
     log.info("fine-tuning top-1 %.4f", top1)
     return {"val/top1": top1, **report}
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="finetune")
 def main(cfg: DictConfig) -> float:
-    try:
-        result = finetune(cfg)
-    except ConfigError as err:
-        print(f"lmim: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"val/top1: {result['val/top1']:.4f}")
-    return result["val/top1"]
+    return run_entry_point(finetune, cfg)
 
 
 if __name__ == "__main__":

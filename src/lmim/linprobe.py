@@ -8,7 +8,6 @@ protocol) is trained on them with a real Lightning Trainer; ``val/top1`` is the 
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any
 
 import hydra
@@ -20,8 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lmim.errors import ConfigError
-from lmim.evaluation import extract_features
-from lmim.utils import build_loggers, config_dir, finish_wandb, instantiate_checked
+from lmim.evaluation import extract_features, fit_top1, labelled_datamodule, run_entry_point
+from lmim.utils import config_dir
 
 log = logging.getLogger("lmim")
 
@@ -84,40 +83,25 @@ class LinearProbe(L.LightningModule):
 
 def linprobe(cfg: DictConfig) -> dict[str, Any]:
     """Extract features, train the probe, return the test top-1 (``val/top1``)."""
-    L.seed_everything(cfg.seed, workers=True)
-    dm = instantiate_checked(cfg.data)
-    dm.validate()
-    if not hasattr(dm, "eval_dataloader"):
-        raise ConfigError(f"data={cfg.data._target_} has no labels: use data=fashion_mnist")
+    dm = labelled_datamodule(cfg)
     encoder = load_encoder(cfg.checkpoint, cfg.init_model, cfg.data.img_size)
     p = cfg.probe
     train = extract_features(encoder, dm.eval_dataloader("train"), p.layer, p.pool)
     test = extract_features(encoder, dm.eval_dataloader("test"), p.layer, p.pool)
     module = LinearProbe(train[0].shape[1], dm.num_classes, p.lr, p.weight_decay)
-    loggers = build_loggers(cfg.get("logger"))
-    trainer = instantiate_checked(cfg.trainer, logger=loggers or False, callbacks=[])
-    try:
-        trainer.fit(
-            module,
-            DataLoader(TensorDataset(*train), batch_size=p.batch_size, shuffle=True),
-            DataLoader(TensorDataset(*test), batch_size=1024),
-        )
-    finally:
-        finish_wandb()
-    top1 = float(trainer.callback_metrics["val/top1"])
+    top1 = fit_top1(
+        cfg,
+        module,
+        DataLoader(TensorDataset(*train), batch_size=p.batch_size, shuffle=True),
+        DataLoader(TensorDataset(*test), batch_size=1024),
+    )
     log.info("linear probe top-1 %.4f (layer %s, %s pooling)", top1, p.layer, p.pool)
     return {"val/top1": top1, "num_train": len(train[1]), "num_test": len(test[1])}
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="linprobe")
 def main(cfg: DictConfig) -> float:
-    try:
-        result = linprobe(cfg)
-    except ConfigError as err:
-        print(f"lmim: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"val/top1: {result['val/top1']:.4f}")
-    return result["val/top1"]
+    return run_entry_point(linprobe, cfg)
 
 
 if __name__ == "__main__":
