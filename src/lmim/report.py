@@ -7,7 +7,8 @@ device-hours, throughput, MFU, final loss and accuracy). A RUN is any of
 * a run or sweep folder (``outputs/<task>/runs/<time>``, ``outputs/<task>/multiruns/<time>``,
   any folder above them): every run below it, read from its W&B log
   (``wandb/*run-*/run-<id>.wandb``, offline or not, no network needed) or else from
-  ``csv/metrics.csv`` (``logger=csv`` or ``logger=many``);
+  ``csv/metrics.csv`` (``logger=csv`` or ``logger=many``), plus the evaluations of its
+  checkpoints in ``<run>/evals.csv`` when present (``benchmarks/budget.py`` writes them);
 * a ``.wandb`` file or a Lightning ``metrics.csv``;
 * a W&B path when online: ``entity/project/run_id``, or ``entity/project`` for all its runs
   (``--group`` narrows to one experiment), read through the W&B API.
@@ -182,6 +183,21 @@ def read_wandb_api(path: str, group: str | None = None) -> list[Run]:
     return runs
 
 
+EVALS_FILE = "evals.csv"
+
+
+def read_evals(run_dir: Path) -> list[dict[str, Any]]:
+    """Evaluations made after training, from ``<run>/evals.csv`` (one row per evaluated
+    checkpoint, with its ``perf/device_hours``; written by ``benchmarks/budget.py``), in
+    device-hour order. Empty when the file is absent."""
+    path = run_dir / EVALS_FILE
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+    return sorted(rows, key=lambda r: _number(r.get(DEVICE_HOURS)) or 0.0)
+
+
 def _run_root(path: Path) -> Path:
     """The run folder a log belongs to: ``<run>/wandb/<x>run-*/run-*.wandb`` or
     ``<run>/csv/metrics.csv`` -> ``<run>``."""
@@ -234,6 +250,7 @@ def load_runs(inputs: Sequence[str], source: str = "auto", group: str | None = N
                 run = read_csv_run(f) if f.suffix == ".csv" else read_wandb_run_file(f)
             except WandbFileError as err:
                 raise ReportError(f"{err}; read the run's csv/metrics.csv instead") from err
+            run.history += read_evals(_run_root(f))
             runs.append(run)
     if group:
         runs = [r for r in runs if r.group == group]
@@ -349,10 +366,31 @@ def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) 
     if has_acc:
         for label in order:
             group = [r for lab, r in zip(labels, runs, strict=True) if lab == label]
+            curves = [r.series(acc_key) for r in group]
+            if len(group) > 1 and all(len(xs) > 1 for xs, _ in curves):
+                # repeats (seeds): the mean curve over the points all runs have, and its range
+                n = min(len(xs) for xs, _ in curves)
+                xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
+                ys = [[c[1][i] for c in curves] for i in range(n)]
+                axes[1].plot(
+                    xs,
+                    [sum(y) / len(y) for y in ys],
+                    "o-",
+                    color=colours[label],
+                    label=f"{label} (mean of {len(group)}, range shaded)",
+                )
+                axes[1].fill_between(
+                    xs,
+                    [min(y) for y in ys],
+                    [max(y) for y in ys],
+                    color=colours[label],
+                    alpha=0.2,
+                )
+                continue
             if len(group) > 1:  # a budget sweep: each run's final accuracy at its total cost
                 pts = [(r.maximum(DEVICE_HOURS), r.last(acc_key)) for r in group]
             else:
-                pts = list(zip(*group[0].series(acc_key), strict=True))
+                pts = list(zip(*curves[0], strict=True))
             pts = sorted((x, y) for x, y in pts if x is not None and y is not None)
             if pts:
                 axes[1].plot(*zip(*pts, strict=True), "o-", color=colours[label], label=label)

@@ -1,0 +1,609 @@
+"""LocalMIM against MAE for equal device time (and equal steps) on Fashion-MNIST, on this CPU.
+
+A ViT 192 wide x 8 deep x 3 heads with 8-px patches on Fashion-MNIST at 64 px
+(``experiment=fmnist_budget``) is pre-trained by each arm for the same device-minutes, through
+``python -m lmim.train`` (real Lightning fits, offline W&B and CSV logs). The arms:
+
+* ``localmim-released``: LocalMIM with the released decoders (256 wide, 8 heads, one block);
+* ``localmim-sized``: LocalMIM with decoders sized to this encoder: 64 wide, 2 heads (the
+  released 256/768 width ratio of ViT-B applied to 192; head width 32 as released), which also
+  makes the x4 head's transposed convolutions 4x narrower;
+* ``mae-released``: MAE with its released decoder (8 blocks x 512 x 16 heads);
+* ``mae-sized``: MAE with a 2-block x 128 x 4-head decoder.
+
+Every arm of a seed starts from the same encoder weights. Each arm's step time is measured
+first and its cosine is set to end at the budget; the weights are saved at 40/60/80/100% of it
+(6/9/12/15 minutes for ``--minutes 15``). Each checkpoint is then evaluated on frozen features
+of the last and the middle block: weighted cosine 20-NN and a linear probe (BatchNorm without
+affine + Linear, fitted by L-BFGS). Then the equal-steps runs (``--equal-steps-arms`` trained
+for the steps ``localmim-sized`` made in the budget) and short fine-tunes of each final encoder
+against the same fine-tune from random weights (``python -m lmim.finetune``). Written to
+``--out``: ``results.md`` and ``results.json`` (every evaluation, mean and range over seeds,
+random-init, raw-pixel and from-scratch levels, the device-minutes LocalMIM needed to pass each
+MAE arm's final accuracy) and, through ``lmim.report``, ``report/budget.png`` and
+``report/budget.md``.
+
+    python benchmarks/budget.py                    # 5-minute budget, 2 seeds: ~70 min, 2 cores
+    python benchmarks/budget.py --minutes 15       # the 6/9/12/15-minute points: ~2.5 h
+    python benchmarks/budget.py --minutes 0.3 --seeds 0 --eval-train 500 --eval-test 500 \\
+        --finetune-images 256 --finetune-test 256 --out /tmp/budget   # a smoke run
+
+Finished stages are kept: re-running the same command after an interruption skips them (a timed
+run that did not finish is started again from scratch, since a resumed one would not be timed
+alike).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lmim.api import compose_config
+from lmim.data.fashion_mnist import find_root
+from lmim.evaluation import extract_layer_features, knn_accuracy, linear_probe_accuracy
+from lmim.export import load_pretrainer
+from lmim.utils import instantiate_checked
+
+ARMS: dict[str, list[str]] = {
+    "localmim-released": ["method=localmim"],
+    "localmim-sized": ["method=localmim", "model.decoder_dim=64", "model.decoder_heads=2"],
+    "mae-released": ["method=mae"],
+    "mae-sized": [
+        "method=mae",
+        "model.decoder_dim=128",
+        "model.decoder_depth=2",
+        "model.decoder_heads=4",
+    ],
+}
+FRACTIONS = (0.4, 0.6, 0.8, 1.0)
+EVAL_KEYS = ("knn_last", "knn_mid", "linear_last", "linear_mid")
+EVAL_NAMES = {
+    "knn_last": "20-NN, last block",
+    "knn_mid": "20-NN, middle block",
+    "linear_last": "linear probe, last block",
+    "linear_mid": "linear probe, middle block",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[budget {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- pre-training ----------------------------------------------------------------------------
+
+
+def experiment_overrides(args: argparse.Namespace, arm: str) -> list[str]:
+    return ["experiment=fmnist_budget", *ARMS[arm], *args.override]
+
+
+def calibrate(args: argparse.Namespace, arm: str) -> float:
+    """Seconds per optimizer step of an arm: its model and optimizer on batches from the real
+    training loader (augmentation in a worker, as in the runs), the median of
+    ``--calibration-steps`` steps after a warm-up one."""
+    cfg = compose_config(experiment_overrides(args, arm) + [f"data.batch_size={args.batch}"])
+    net = instantiate_checked(cfg.model)
+    dm = instantiate_checked(cfg.data, seed=0)
+    batches = iter(dm.train_dataloader())
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, fused=True)
+    times = []
+    for i in range(args.calibration_steps + 1):
+        t = time.perf_counter()
+        batch = next(batches)
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        net(x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run_train(overrides: list[str], run_dir: Path) -> dict:
+    """One ``python -m lmim.train`` run in ``run_dir``; returns its points.json entries by name.
+    A folder left by an unfinished run is removed first (timed runs are not resumed)."""
+    points = run_dir / "checkpoints" / "points.json"
+    if points.is_file() and any(p["name"] == "end" for p in json.loads(points.read_text())):
+        log(f"kept {run_dir}")
+        return {p["name"]: p for p in json.loads(points.read_text())}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-m", "lmim.train", *overrides, f"hydra.run.dir={run_dir}"]
+    log("run: " + " ".join(cmd[1:]))
+    run_dir.mkdir(parents=True)
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode:
+        raise SystemExit(f"training failed (exit {proc.returncode}); see {run_dir}.log")
+    return {p["name"]: p for p in json.loads(points.read_text())}
+
+
+def train_overrides(args, arm: str, seed: int, steps: int, minutes: list[float], stop: bool):
+    budget_label = f"{args.minutes:g}min" if stop else f"{steps}steps"
+    return [
+        *experiment_overrides(args, arm),
+        f"seed={seed}",
+        f"labels.method={arm}",
+        f"labels.budget={budget_label}",
+        f"data.batch_size={args.batch}",
+        f"trainer.max_steps={steps}",
+        f"optim.warmup_steps={min(args.warmup_steps, steps // 5)}",
+        f"callbacks.budget.minutes=[{','.join(f'{m:g}' for m in minutes)}]",
+        f"callbacks.budget.stop_at_last={str(stop).lower()}",
+        "resume=false",
+    ]
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+class EvalData:
+    """The labelled images every checkpoint is evaluated on, decoded once (deterministic)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from lmim.data.fashion_mnist import FashionMNISTDataModule
+
+        dm = FashionMNISTDataModule(root=args.data_root, img_size=args.img_size, batch_size=256)
+        self.num_classes = dm.num_classes
+        self.bf16 = args.eval_bf16
+
+        def load(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ds = dm.eval_dataset(split, n)
+            x, y = zip(*(ds[i] for i in range(len(ds))), strict=True)
+            return torch.stack(x), torch.tensor(y)
+
+        self.train = load("train", args.eval_train)
+        self.test = load("test", args.eval_test)
+
+    def loader(self, split: str) -> DataLoader:
+        x, y = self.train if split == "train" else self.test
+        return DataLoader(list(zip(x, y, strict=True)), batch_size=256)
+
+
+def evaluate_encoder(encoder, data: EvalData, mid: int) -> dict[str, float]:
+    """20-NN and linear-probe top-1 (%) at the last and the ``mid`` block."""
+    # bf16 on CPUs with AMX/AVX512-BF16 (2.5x faster here); the features come out float32
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=data.bf16):
+        (tr_last, tr_mid), ytr = extract_layer_features(encoder, data.loader("train"), [-1, mid])
+        (te_last, te_mid), yte = extract_layer_features(encoder, data.loader("test"), [-1, mid])
+    out = {}
+    for name, tr, te in (("last", tr_last, te_last), ("mid", tr_mid, te_mid)):
+        out[f"knn_{name}"] = 100 * knn_accuracy(tr, ytr, te, yte, data.num_classes)
+        out[f"linear_{name}"] = 100 * linear_probe_accuracy(tr, ytr, te, yte, data.num_classes)
+    return out
+
+
+def raw_pixel_levels(data: EvalData) -> dict[str, float]:
+    """The same k-NN and probe on the raw (normalised, one-channel) pixels."""
+    tr, te = data.train[0][:, 0].flatten(1), data.test[0][:, 0].flatten(1)
+    ytr, yte = data.train[1], data.test[1]
+    return {
+        "knn": 100 * knn_accuracy(tr, ytr, te, yte, data.num_classes),
+        "linear": 100 * linear_probe_accuracy(tr, ytr, te, yte, data.num_classes),
+    }
+
+
+def evaluate_run(run_dir: Path, points: dict, data: EvalData, cache: dict) -> list[dict]:
+    """Evaluate every budget checkpoint of a run; rows also go to ``<run>/evals.csv`` (read by
+    ``lmim.report``). ``cache`` maps an encoder-weights digest to its result, so the shared
+    initialisation is evaluated once per seed."""
+    csv_path = run_dir / "evals.csv"
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    rows = []
+    for name, p in points.items():
+        if name == "end" and any(
+            q["step"] == p["step"] for n, q in points.items() if n not in ("end", "start")
+        ):
+            continue  # the last budget point is the end of training
+        net = load_pretrainer(p["path"])
+        digest = _digest(net.encoder)
+        if digest not in cache:
+            t = time.perf_counter()
+            cache[digest] = evaluate_encoder(net.encoder, data, net.encoder.depth // 2 - 1)
+            log(
+                f"  {run_dir.name} {name} step {p['step']}: {_fmt_row(cache[digest])} "
+                f"({time.perf_counter() - t:.0f} s)"
+            )
+        rows.append(
+            {
+                "name": name,
+                "budget_minutes": p["budget_minutes"],
+                "perf/device_hours": p["device_hours"],
+                "trainer/global_step": p["step"],
+                **{f"eval/{k}_top1": v for k, v in cache[digest].items()},
+            }
+        )
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
+def _digest(encoder) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for k, v in sorted(encoder.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _num(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+def _fmt_row(r: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in r.items())
+
+
+# ---- fine-tuning -----------------------------------------------------------------------------
+
+
+def run_finetune(args, run_dir: Path, source: list[str]) -> float:
+    """A short ``python -m lmim.finetune`` (recipe=small); returns the test top-1 (%)."""
+    result = run_dir / "top1.json"
+    if result.is_file():
+        return json.loads(result.read_text())["top1"]
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmim.finetune",
+        *source,
+        "recipe=small",
+        f"data.img_size={args.img_size}",
+        f"data.train_limit={args.finetune_images}",
+        f"data.test_limit={args.finetune_test}",
+        f"data.batch_size={args.finetune_batch}",
+        f"trainer.max_epochs={args.finetune_epochs}",
+        "finetune.warmup_epochs=0.5",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        f"hydra.run.dir={run_dir}",
+    ]
+    log("run: " + " ".join(cmd[1:]))
+    with open(run_dir / "stdout.log", "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT)
+    text = (run_dir / "stdout.log").read_text()
+    if proc.returncode or "val/top1:" not in text:
+        raise SystemExit(f"fine-tuning failed (exit {proc.returncode}); see {run_dir}/stdout.log")
+    top1 = 100 * float(text.rsplit("val/top1:", 1)[1].split()[0])
+    result.write_text(json.dumps({"top1": top1}))
+    return top1
+
+
+# ---- summary ---------------------------------------------------------------------------------
+
+
+def stats(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def fmt(s: dict | None, digits: int = 1) -> str:
+    if not s:
+        return "–"
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f}"
+    return f"{s['mean']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def minutes_to_reach(curve: list[tuple[float, float]], level: float) -> float | None:
+    """Device-minutes at which a mean accuracy curve [(minutes, acc)] first reaches ``level``,
+    linearly interpolated between evaluated points; None if it never does."""
+    if curve and curve[0][1] >= level:
+        return curve[0][0]
+    for (m0, a0), (m1, a1) in zip(curve, curve[1:], strict=False):
+        if a1 >= level:
+            return m1 if a1 == a0 or a0 >= level else m0 + (level - a0) / (a1 - a0) * (m1 - m0)
+    return None
+
+
+def summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_eq) -> dict:
+    points = [f * args.minutes for f in FRACTIONS]
+    table: dict = {}
+    for arm in args.arms:
+        table[arm] = {}
+        for i, m in enumerate(points):
+            rows = [runs[i + 1] for runs in equal_time[arm].values() if len(runs) > i + 1]
+            if not rows:
+                continue
+            table[arm][f"{m:g}"] = {
+                "device_minutes": stats([60 * r["perf/device_hours"] for r in rows]),
+                "steps": stats([r["trainer/global_step"] for r in rows]),
+                **{k: stats([r[f"eval/{k}_top1"] for r in rows]) for k in EVAL_KEYS},
+            }
+    crossing: dict = {}
+    for lm in [a for a in args.arms if a.startswith("localmim")]:
+        for mae in [a for a in args.arms if a.startswith("mae")]:
+            for k in EVAL_KEYS:
+                if not table[mae] or not table[lm]:
+                    continue
+                final = table[mae][max(table[mae], key=float)][k]["mean"]
+                curve = [(0.0, init[k]["mean"])] + [
+                    (v["device_minutes"]["mean"], v[k]["mean"]) for v in table[lm].values()
+                ]
+                m = minutes_to_reach(curve, final)
+                crossing[f"{lm} vs {mae}: {k}"] = {"mae_final": final, "minutes": m}
+    return {
+        "minutes": args.minutes,
+        "points": points,
+        "seeds": args.seeds,
+        "calibration_s_per_step": calib,
+        "equal_time": table,
+        "init": init,
+        "raw_pixels": raw,
+        "crossing": crossing,
+        "equal_steps": {"steps": steps_eq, **equal_steps},
+        "finetune": finetunes,
+    }
+
+
+def write_markdown(args, res: dict, path: Path, command: str) -> None:
+    pts = [f"{m:g}" for m in res["points"]]
+    arms = [a for a in args.arms if res["equal_time"].get(a)]
+    lines = [
+        "# LocalMIM vs MAE for equal device time on Fashion-MNIST (CPU)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Budget {args.minutes:g} device-minutes per run (device = this machine, "
+        f"{torch.get_num_threads()} threads), seeds {', '.join(map(str, args.seeds))}; "
+        f"evaluation on {args.eval_train} train / {args.eval_test} test images. "
+        "Cells: mean over seeds (min–max). Accuracies in %.",
+        "",
+        "## Speed",
+        "",
+        "| arm | s/step (calibrated) | steps in budget |",
+        "|---|---|---|",
+    ]
+    for a in arms:
+        last = res["equal_time"][a][max(res["equal_time"][a], key=float)]
+        lines.append(f"| {a} | {res['calibration_s_per_step'][a]:.3f} | {fmt(last['steps'], 0)} |")
+    for k in EVAL_KEYS:
+        lines += ["", f"## Equal time: {EVAL_NAMES[k]}", ""]
+        lines += [
+            "| arm | " + " | ".join(f"{p} min" for p in pts) + " |",
+            "|---|" + "---|" * len(pts),
+        ]
+        for a in arms:
+            row = [fmt(res["equal_time"][a].get(p, {}).get(k)) for p in pts]
+            lines.append(f"| {a} | " + " | ".join(row) + " |")
+        raw = res["raw_pixels"]["knn" if k.startswith("knn") else "linear"]
+        lines.append(f"| random init (step 0) | {fmt(res['init'][k])} |" + " |" * (len(pts) - 1))
+        lines.append(f"| raw pixels | {raw:.1f} |" + " |" * (len(pts) - 1))
+    lines += [
+        "",
+        "## Device-minutes LocalMIM needed to reach each MAE arm's final accuracy",
+        "",
+        "(linear interpolation between evaluated points of the mean curve; – = not within "
+        "the budget)",
+        "",
+        "| comparison | MAE final | LocalMIM device-minutes |",
+        "|---|---|---|",
+    ]
+    for name, c in res["crossing"].items():
+        m = "–" if c["minutes"] is None else f"{c['minutes']:.2f}"
+        lines.append(f"| {name} | {c['mae_final']:.1f} | {m} |")
+    eq = res["equal_steps"]
+    if len(eq) > 1:
+        lines += [
+            "",
+            f"## Equal steps ({fmt(stats(eq['steps']), 0)} steps, each with its own cosine)",
+            "",
+            "| arm | " + " | ".join(EVAL_NAMES[k] for k in EVAL_KEYS) + " |",
+            "|---|" + "---|" * len(EVAL_KEYS),
+        ]
+        for a, v in eq.items():
+            if a != "steps":
+                lines.append(f"| {a} | " + " | ".join(fmt(v[k]) for k in EVAL_KEYS) + " |")
+    if res["finetune"]:
+        lines += [
+            "",
+            f"## Short fine-tune ({args.finetune_epochs} epochs on "
+            f"{args.finetune_images} images, recipe=small; test top-1 on "
+            f"{args.finetune_test})",
+            "",
+            "| encoder | top-1 |",
+            "|---|---|",
+        ]
+        for a, v in res["finetune"].items():
+            lines.append(f"| {a} | {fmt(v)} |")
+    lines += [
+        "",
+        "Loss and k-NN against device-hours: `report/budget.png` (`python -m lmim.report`).",
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+# ---- main ------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--minutes", type=float, default=5.0, help="device-minutes per run")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument(
+        "--equal-steps-arms",
+        nargs="*",
+        default=["mae-sized"],
+        choices=list(ARMS),
+        help="arms also trained for the steps localmim-sized made in the budget",
+    )
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=40,
+        help="lr warm-up steps (at most a fifth of a run's steps)",
+    )
+    p.add_argument("--calibration-steps", type=int, default=3)
+    p.add_argument(
+        "--margin",
+        type=float,
+        default=0.93,
+        help="cosine length = margin x budget / calibrated step time",
+    )
+    p.add_argument("--eval-train", type=int, default=10_000, help="k-NN / probe train images")
+    p.add_argument("--eval-test", type=int, default=5_000, help="k-NN / probe test images")
+    p.add_argument(
+        "--eval-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="extract evaluation features under bf16 autocast",
+    )
+    p.add_argument(
+        "--finetune-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="seeds whose final encoders are fine-tuned (default: the first)",
+    )
+    p.add_argument("--finetune-epochs", type=int, default=2)
+    p.add_argument("--finetune-images", type=int, default=5_000)
+    p.add_argument("--finetune-test", type=int, default=2_000)
+    p.add_argument("--finetune-batch", type=int, default=128)
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST idx folder (default: apt's)")
+    p.add_argument("--out", default="outputs/budget")
+    p.add_argument("override", nargs="*", help="extra lmim.train overrides for every run")
+    args = p.parse_args(argv)
+    if "localmim-sized" not in args.arms:
+        args.equal_steps_arms = []
+    if args.finetune_seeds is None:
+        args.finetune_seeds = args.seeds[:1]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    find_root(args.data_root)  # a clear error naming `make fashion-mnist` when absent
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/budget.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.data_root:
+        args.override.append(f"data.root={args.data_root}")
+    args.override.append(f"data.img_size={args.img_size}")
+    t_start = time.perf_counter()
+
+    calib_path = out / "calibration.json"
+    calib = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
+    for arm in args.arms:
+        if arm not in calib:
+            calib[arm] = calibrate(args, arm)
+            log(f"{arm}: {calib[arm]:.3f} s/step")
+            calib_path.write_text(json.dumps(calib, indent=1))
+
+    minutes = [f * args.minutes for f in FRACTIONS]
+    points_by_run: dict[tuple[str, int], dict] = {}
+    for seed in args.seeds:
+        for arm in args.arms:
+            steps = max(1, math.floor(args.margin * 60 * args.minutes / calib[arm]))
+            points_by_run[arm, seed] = run_train(
+                train_overrides(args, arm, seed, steps, minutes, True),
+                out / "equal_time" / f"{arm}-s{seed}",
+            )
+    steps_eq: list[int] = []
+    eq_points: dict[tuple[str, int], dict] = {}
+    for seed in args.seeds if args.equal_steps_arms else []:
+        n = points_by_run["localmim-sized", seed]["end"]["step"]
+        steps_eq.append(n)
+        for arm in args.equal_steps_arms:
+            eq_points[arm, seed] = run_train(
+                train_overrides(args, arm, seed, n, [1e6], False),
+                out / "equal_steps" / f"{arm}-s{seed}",
+            )
+
+    log("evaluating checkpoints")
+    data = EvalData(args)
+    cache: dict = {}
+    equal_time = {arm: {} for arm in args.arms}
+    init_rows = {}
+    for (arm, seed), pts in points_by_run.items():
+        rows = evaluate_run(out / "equal_time" / f"{arm}-s{seed}", pts, data, cache)
+        equal_time[arm][seed] = rows
+        init_rows.setdefault(seed, rows[0])
+    init = {k: stats([r[f"eval/{k}_top1"] for r in init_rows.values()]) for k in EVAL_KEYS}
+    equal_steps = {}
+    for arm in ["localmim-sized", *args.equal_steps_arms] if steps_eq else []:
+        rows = []
+        for seed in args.seeds:
+            if arm == "localmim-sized":
+                rows.append(equal_time[arm][seed][-1])
+            else:
+                pts = {k: v for k, v in eq_points[arm, seed].items() if k == "end"}
+                rows += evaluate_run(out / "equal_steps" / f"{arm}-s{seed}", pts, data, cache)
+        equal_steps[arm] = {k: stats([r[f"eval/{k}_top1"] for r in rows]) for k in EVAL_KEYS}
+    raw = raw_pixel_levels(data)
+    log(f"raw pixels: {_fmt_row(raw)}")
+
+    finetunes: dict = {}
+    if args.finetune_epochs > 0:
+        for arm in args.arms:
+            tops = [
+                run_finetune(
+                    args,
+                    out / "finetune" / f"{arm}-s{seed}",
+                    [f"checkpoint={points_by_run[arm, seed]['end']['path']}", f"seed={seed}"],
+                )
+                for seed in args.finetune_seeds
+            ]
+            finetunes[arm] = stats(tops)
+        # from scratch: the same fine-tune from the seed's initial weights (budget_start.ckpt)
+        finetunes["from scratch"] = stats(
+            [
+                run_finetune(
+                    args,
+                    out / "finetune" / f"scratch-s{seed}",
+                    [
+                        f"checkpoint={points_by_run[args.arms[0], seed]['start']['path']}",
+                        f"seed={seed}",
+                    ],
+                )
+                for seed in args.finetune_seeds
+            ]
+        )
+
+    res = summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_eq)
+    res["wall_minutes"] = (time.perf_counter() - t_start) / 60
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    write_markdown(args, res, out / "results.md", command)
+    from lmim.report import report
+
+    report([str(out / "equal_time")], out / "report", acc_key="eval/knn_last_top1")
+    log(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'report'}")
+    print((out / "results.md").read_text())
+    return res
+
+
+if __name__ == "__main__":
+    main()
