@@ -467,11 +467,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=40,
         help="lr warm-up steps (at most a fifth of a run's steps)",
     )
-    p.add_argument("--calibration-steps", type=int, default=3)
+    p.add_argument("--calibration-steps", type=int, default=5)
     p.add_argument(
         "--margin",
         type=float,
-        default=0.93,
+        default=0.97,
         help="cosine length = margin x budget / calibrated step time",
     )
     p.add_argument("--eval-train", type=int, default=10_000, help="k-NN / probe train images")

@@ -1,0 +1,215 @@
+"""The equal-budget benchmark's parts: budget-point checkpoints under a real Trainer, the
+cached-feature linear probe, evaluations merged into lmim.report, and benchmarks/budget.py
+end to end at toy size on Fashion-MNIST."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import lmim
+from lmim.callbacks import BudgetCheckpoints
+from lmim.callbacks.perf import DEVICE_HOURS
+from lmim.data.fashion_mnist import DEBIAN_DIR
+from lmim.errors import ConfigError
+from lmim.evaluation import extract_features, extract_layer_features, linear_probe_accuracy
+from lmim.export import load_pretrainer
+from lmim.report import Run, plot, read_evals, report
+from lmim.train import train
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fmnist = pytest.mark.skipif(
+    not Path(DEBIAN_DIR).is_dir(), reason="dataset-fashion-mnist not installed (make fashion-mnist)"
+)
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("budget_bench", ROOT / "benchmarks/budget.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+# ---- BudgetCheckpoints -------------------------------------------------------------------
+
+
+def test_budget_checkpoints_save_at_each_point_and_stop_at_the_last(make_cfg, tmp_path):
+    """A real fit with points at 0.01 and 0.02 device-minutes: the initial weights, one
+    checkpoint per point (saved once the run's device-hours passed it, in step order), and
+    training stops at the last, long before max_steps. Each file holds weights only and loads
+    back as a pre-trainer."""
+    cfg = make_cfg(
+        [
+            *TINY,
+            "callbacks=budget",
+            "callbacks.budget.minutes=[0.01,0.02]",
+            "trainer.max_steps=400",
+            "trainer.max_epochs=-1",
+        ]
+    )
+    train(cfg)
+    folder = tmp_path / "run" / "checkpoints"
+    points = {p["name"]: p for p in json.loads((folder / "points.json").read_text())}
+    assert list(points) == ["start", "0.01min", "0.02min", "end"]
+    assert points["start"]["step"] == 0
+    assert 0 < points["0.01min"]["step"] < points["0.02min"]["step"] == points["end"]["step"]
+    assert points["end"]["step"] < 400  # stopped by the budget, not by max_steps
+    for name, minutes in (("0.01min", 0.01), ("0.02min", 0.02)):
+        assert points[name]["device_hours"] * 60 >= minutes
+    start = load_pretrainer(points["start"]["path"]).encoder.state_dict()
+    end = load_pretrainer(points["end"]["path"]).encoder.state_dict()
+    assert not torch.equal(start["blocks.0.attn.qkv.weight"], end["blocks.0.attn.qkv.weight"])
+    ckpt = torch.load(points["end"]["path"], map_location="cpu", weights_only=False)
+    assert "optimizer_states" not in ckpt and "lmim_config" in ckpt
+
+
+def test_budget_points_must_increase():
+    with pytest.raises(ConfigError, match="callbacks.budget.minutes"):
+        BudgetCheckpoints("/tmp/x", [6, 3])
+    with pytest.raises(ConfigError, match="increasing positive"):
+        BudgetCheckpoints("/tmp/x", [0, 3])
+
+
+# ---- features and the linear probe ------------------------------------------------------------
+
+
+def test_one_pass_gives_each_layers_features():
+    """extract_layer_features([-1, 1]) equals two single-layer extractions."""
+    images = torch.randn(5, 3, 64, 64)
+    loader = DataLoader(list(zip(images, torch.arange(5), strict=True)), batch_size=2)
+    enc = lmim.create_pretrainer("vit_test", img_size=64).encoder
+    (last, mid), labels = extract_layer_features(enc, loader, [-1, 1])
+    assert torch.allclose(last, extract_features(enc, loader, -1)[0], atol=1e-6)
+    assert torch.allclose(mid, extract_features(enc, loader, 1)[0], atol=1e-6)
+    assert not torch.allclose(last, mid)
+    assert labels.tolist() == list(range(5))
+
+
+def test_linear_probe_separable_is_perfect_and_shuffled_is_chance():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(10, 32, generator=g) * 3
+    y = torch.randint(0, 10, (3000,), generator=g)
+    x = centers[y] + torch.randn(3000, 32, generator=g)
+    assert linear_probe_accuracy(x[:2000], y[:2000], x[2000:], y[2000:], 10) == 1.0
+    shuffled = y[:2000][torch.randperm(2000, generator=g)]
+    assert linear_probe_accuracy(x[:2000], shuffled, x[2000:], y[2000:], 10) < 0.2
+
+
+def test_linear_probe_is_invariant_to_feature_scale():
+    """The BatchNorm-without-affine step: scaling or shifting a feature changes nothing."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(600, 8, generator=g)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+    a = linear_probe_accuracy(x[:400], y[:400], x[400:], y[400:], 3)
+    scale = torch.tensor([100.0, 0.01, 5, 1, 1, 1, 1, 1])
+    b = linear_probe_accuracy(x[:400] * scale + 7, y[:400], x[400:] * scale + 7, y[400:], 3)
+    assert a == pytest.approx(b, abs=0.01)
+    assert a > 0.9
+
+
+# ---- report: evaluations beside runs, seeds averaged --------------------------------------------
+
+
+def test_evals_csv_reaches_the_report(make_cfg, tmp_path):
+    """<run>/evals.csv rows join the run's history: the table's accuracy is the last evaluation
+    and the accuracy panel is drawn."""
+    run_dir = tmp_path / "runs" / "a"
+    train(make_cfg([*TINY, "trainer.max_steps=2", "trainer.max_epochs=-1"], output_dir=run_dir))
+    with open(run_dir / "evals.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, [DEVICE_HOURS, "trainer/global_step", "eval/knn_last_top1"])
+        w.writeheader()
+        w.writerows(
+            [
+                {DEVICE_HOURS: 2e-4, "trainer/global_step": 2, "eval/knn_last_top1": 71.5},
+                {DEVICE_HOURS: 0.0, "trainer/global_step": 0, "eval/knn_last_top1": 60.0},
+            ]
+        )
+    assert [r["eval/knn_last_top1"] for r in read_evals(run_dir)] == ["60.0", "71.5"]
+    out = report([str(tmp_path / "runs")], tmp_path / "rep", acc_key="eval/knn_last_top1")
+    assert out["rows"][0]["accuracy"] == 71.5
+    assert "eval/knn_last_top1" in out["markdown"].read_text()
+
+
+def test_seeds_are_drawn_as_a_mean_curve_with_its_range(tmp_path):
+    import matplotlib.image
+
+    def run(seed: int, accs: list[float]) -> Run:
+        rows = [{DEVICE_HOURS: 0.1 * i, "train/loss": 1.0} for i in range(4)]
+        rows += [{DEVICE_HOURS: 0.1 * i, "eval/top1": a} for i, a in enumerate(accs)]
+        return Run(f"s{seed}", {"method": "localmim"}, "g", rows, "x")
+
+    png = plot([run(0, [50, 60, 70]), run(1, [52, 58, 74])], tmp_path / "p.png", "eval/top1")
+    assert matplotlib.image.imread(png).shape[1] == 12 * 120
+
+
+# ---- benchmarks/budget.py ------------------------------------------------------------------------
+
+
+def test_minutes_to_reach():
+    bench = load_bench()
+    curve = [(0.0, 60.0), (2.0, 70.0), (4.0, 80.0)]
+    assert bench.minutes_to_reach(curve, 75.0) == pytest.approx(3.0)
+    assert bench.minutes_to_reach(curve, 80.0) == pytest.approx(4.0)
+    assert bench.minutes_to_reach(curve, 55.0) == 0.0  # the initialisation is already there
+    assert bench.minutes_to_reach(curve, 81.0) is None
+    assert bench.minutes_to_reach([(0.0, 60.0), (1.0, 50.0), (2.0, 70.0)], 65.0) == pytest.approx(
+        1.75
+    )
+
+
+@needs_fmnist
+def test_budget_benchmark_end_to_end(tmp_path):
+    """Two arms, toy budget: each run stops at its time budget with checkpoints at 40/60/80/100%,
+    every checkpoint is evaluated (evals.csv), the arms of a seed share the initialisation, the
+    equal-steps MAE run makes exactly LocalMIM's steps, fine-tunes and the from-scratch level are
+    reported, and results.md, results.json and the lmim.report PNG are written. A second call
+    keeps every finished stage."""
+    bench = load_bench()
+    out = tmp_path / "bench"
+    argv = [
+        "--minutes", "0.1", "--seeds", "0", "--arms", "localmim-sized", "mae-sized",
+        "--img-size", "32", "--batch", "32", "--calibration-steps", "1",
+        "--eval-train", "200", "--eval-test", "100", "--no-eval-bf16",
+        "--finetune-images", "64", "--finetune-test", "64", "--finetune-batch", "32",
+        "--finetune-epochs", "1", "--out", str(out),
+        "model.encoder.depth=4", "model.encoder.patch_size=4", "data.num_workers=0",
+    ]  # fmt: skip
+    res = bench.main(argv)
+    assert res["points"] == pytest.approx([0.04, 0.06, 0.08, 0.1])
+    for arm in ("localmim-sized", "mae-sized"):
+        table = res["equal_time"][arm]
+        assert list(table) == ["0.04", "0.06", "0.08", "0.1"]
+        minutes = [v["device_minutes"]["mean"] for v in table.values()]
+        steps = [v["steps"]["mean"] for v in table.values()]
+        assert steps == sorted(steps) and steps[0] > 0
+        assert all(m >= p * 0.999 for m, p in zip(minutes[:-1], res["points"], strict=False))
+        for v in table.values():
+            assert all(0 <= v[k]["mean"] <= 100 for k in bench.EVAL_KEYS)
+        rows = read_evals(out / "equal_time" / f"{arm}-s0")
+        assert rows[0]["name"] == "start" and len(rows) == 5
+    # one shared initialisation, evaluated once
+    a, b = (read_evals(out / "equal_time" / f"{arm}-s0")[0] for arm in bench.ARMS if "sized" in arm)
+    assert a["eval/knn_last_top1"] == b["eval/knn_last_top1"]
+    lm_steps = res["equal_time"]["localmim-sized"]["0.1"]["steps"]["mean"]
+    assert res["equal_steps"]["steps"] == [lm_steps]
+    eq = json.loads(
+        (out / "equal_steps" / "mae-sized-s0" / "checkpoints" / "points.json").read_text()
+    )
+    assert eq[-1]["step"] == lm_steps
+    assert set(res["finetune"]) == {"localmim-sized", "mae-sized", "from scratch"}
+    assert set(res["raw_pixels"]) == {"knn", "linear"}
+    assert len(res["crossing"]) == 4
+    text = (out / "results.md").read_text()
+    assert "## Equal time: 20-NN, last block" in text and "from scratch" in text
+    assert (out / "report" / "budget.png").stat().st_size > 10_000
+    # a second call keeps every finished stage and gives the same table
+    again = bench.main(argv)
+    assert again["equal_time"] == res["equal_time"]
+    assert again["finetune"] == res["finetune"]
