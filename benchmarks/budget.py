@@ -23,7 +23,7 @@ random-init, raw-pixel and from-scratch levels, the device-minutes LocalMIM need
 MAE arm's final accuracy) and, through ``lmim.report``, ``report/budget.png`` and
 ``report/budget.md``.
 
-    python benchmarks/budget.py                    # 5-minute budget, 2 seeds: ~70 min, 2 cores
+    python benchmarks/budget.py                    # 5-minute budget, 2 seeds: ~80 min, 2 cores
     python benchmarks/budget.py --minutes 15       # the 6/9/12/15-minute points: ~2.5 h
     python benchmarks/budget.py --minutes 0.3 --seeds 0 --eval-train 500 --eval-test 500 \\
         --finetune-images 256 --finetune-test 256 --out /tmp/budget   # a smoke run
@@ -259,7 +259,8 @@ def _fmt_row(r: dict[str, float]) -> str:
 
 
 def run_finetune(args, run_dir: Path, source: list[str]) -> float:
-    """A short ``python -m lmim.finetune`` (recipe=small); returns the test top-1 (%)."""
+    """A short ``python -m lmim.finetune`` (recipe=small and ``--finetune-override``); returns
+    the test top-1 (%)."""
     result = run_dir / "top1.json"
     if result.is_file():
         return json.loads(result.read_text())["top1"]
@@ -278,6 +279,7 @@ def run_finetune(args, run_dir: Path, source: list[str]) -> float:
         f"data.batch_size={args.finetune_batch}",
         f"trainer.max_epochs={args.finetune_epochs}",
         "finetune.warmup_epochs=0.5",
+        *args.finetune_override,
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
         f"hydra.run.dir={run_dir}",
@@ -379,12 +381,21 @@ def write_markdown(args, res: dict, path: Path, command: str) -> None:
         "",
         "## Speed",
         "",
-        "| arm | s/step (calibrated) | steps in budget |",
-        "|---|---|---|",
+        "Each run's cosine is set to end at "
+        f"{args.margin:g} x the budget from the calibrated step time; the last point is where "
+        "training ended (the budget, or the cosine's last step if that came first).",
+        "",
+        "| arm | s/step (calibrated) | steps at each point | device-minutes at the last point |",
+        "|---|---|---|---|",
     ]
     for a in arms:
-        last = res["equal_time"][a][max(res["equal_time"][a], key=float)]
-        lines.append(f"| {a} | {res['calibration_s_per_step'][a]:.3f} | {fmt(last['steps'], 0)} |")
+        table = res["equal_time"][a]
+        steps = " / ".join(f"{v['steps']['mean']:.0f}" for v in table.values())
+        last = table[max(table, key=float)]
+        lines.append(
+            f"| {a} | {res['calibration_s_per_step'][a]:.3f} | {steps} | "
+            f"{fmt(last['device_minutes'], 2)} |"
+        )
     for k in EVAL_KEYS:
         lines += ["", f"## Equal time: {EVAL_NAMES[k]}", ""]
         lines += [
@@ -409,6 +420,7 @@ def write_markdown(args, res: dict, path: Path, command: str) -> None:
     ]
     for name, c in res["crossing"].items():
         m = "–" if c["minutes"] is None else f"{c['minutes']:.2f}"
+        m = "0 (the initialisation)" if c["minutes"] == 0 else m
         lines.append(f"| {name} | {c['mae_final']:.1f} | {m} |")
     eq = res["equal_steps"]
     if len(eq) > 1:
@@ -426,7 +438,8 @@ def write_markdown(args, res: dict, path: Path, command: str) -> None:
         lines += [
             "",
             f"## Short fine-tune ({args.finetune_epochs} epochs on "
-            f"{args.finetune_images} images, recipe=small; test top-1 on "
+            f"{args.finetune_images} images, recipe=small with "
+            f"{' '.join(args.finetune_override) or 'nothing changed'}; test top-1 on "
             f"{args.finetune_test})",
             "",
             "| encoder | top-1 |",
@@ -488,6 +501,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         nargs="*",
         default=None,
         help="seeds whose final encoders are fine-tuned (default: the first)",
+    )
+    p.add_argument(
+        "--finetune-override",
+        nargs="*",
+        default=["finetune.mixup=null", "finetune.auto_augment=null", "finetune.re_prob=0"],
+        help="lmim.finetune overrides on top of recipe=small (default: without Mixup/CutMix, "
+        "RandAugment and random erasing, which keep a 2-epoch fine-tune near chance)",
     )
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-images", type=int, default=5_000)

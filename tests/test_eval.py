@@ -196,3 +196,21 @@ def test_probe_commands_refuse_a_missing_encoder(make_cfg):
 
     with pytest.raises(ConfigError, match="checkpoint=.*init_model="):
         load_encoder(None, None, 32)
+
+
+def test_finetune_randaugment_posterizes_to_zero_bits_like_old_pillow():
+    """The recipe's RandAugment (rand-m9-mstd0.5-inc1) draws posterize to 0 bits at magnitude
+    10; Pillow >= 11 raises there. After pillow_safe_posterize the op gives the all-black image
+    older Pillow gave, and other bit counts are unchanged."""
+    from PIL import Image
+    from timm.data import create_transform
+    from timm.data.auto_augment import posterize
+
+    from lmim.finetune import pillow_safe_posterize
+
+    tf = create_transform(input_size=32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1")
+    assert pillow_safe_posterize(tf) == 1
+    (op,) = [o for t in tf.transforms for o in getattr(t, "ops", []) if "Posterize" in o.name]
+    img = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert op.aug_fn(img, 0).getpixel((0, 0)) == (0, 0, 0)
+    assert op.aug_fn(img, 2).tobytes() == posterize(img, 2).tobytes()

@@ -15,7 +15,9 @@ from typing import Any
 import hydra
 import lightning as L
 from omegaconf import DictConfig
+from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.auto_augment import posterize as timm_posterize
 from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import nn
@@ -77,6 +79,30 @@ def build_classifier(
         model.head.fc.weight if hasattr(model.head, "fc") else model.head.weight, std=2e-5
     )
     return model, {"missing": missing, "unexpected": list(report.unexpected_keys)}
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)  # what Pillow < 11 gave for 0 bits: all black
+    return timm_posterize(img, bits_to_keep)
+
+
+def pillow_safe_posterize(transform) -> int:
+    """Let timm's RandAugment posterize to 0 bits under Pillow >= 11.
+
+    With ``inc1`` (the recipe's ``rand-m9-mstd0.5-inc1``) posterize keeps ``4 - int(4 m / 10)``
+    bits, 0 when the drawn magnitude reaches 10 (about 2% of draws at m9, std 0.5); Pillow >= 11
+    raises ``ValueError`` for 0 bits, where older Pillow returned an all-black image, what the
+    published fine-tunes were trained with. The posterize ops of ``transform`` get that result
+    back. Returns how many ops were changed.
+    """
+    changed = 0
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+                changed += 1
+    return changed
 
 
 class FinetuneModule(L.LightningModule):
@@ -170,6 +196,7 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         scale=tuple(f.crop_scale),
         **common,
     )
+    pillow_safe_posterize(train_tf)
     eval_tf = create_transform(is_training=False, crop_pct=f.eval_crop_pct, **common)
     from lmim.data.fashion_mnist import FashionMNIST
 
