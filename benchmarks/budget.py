@@ -54,6 +54,7 @@ from lmim.api import compose_config
 from lmim.data.fashion_mnist import find_root
 from lmim.evaluation import extract_layer_features, knn_accuracy, linear_probe_accuracy
 from lmim.export import load_pretrainer
+from lmim.report import EVALS_FILE, read_evals
 from lmim.utils import instantiate_checked
 
 ARMS: dict[str, list[str]] = {
@@ -199,10 +200,9 @@ def evaluate_run(run_dir: Path, points: dict, data: EvalData, cache: dict) -> li
     """Evaluate every budget checkpoint of a run; rows also go to ``<run>/evals.csv`` (read by
     ``lmim.report``). ``cache`` maps an encoder-weights digest to its result, so the shared
     initialisation is evaluated once per seed."""
-    csv_path = run_dir / "evals.csv"
+    csv_path = run_dir / EVALS_FILE
     if csv_path.is_file():
-        with open(csv_path, newline="") as f:
-            return [{k: _num(v) for k, v in r.items()} for r in csv.DictReader(f)]
+        return [{k: _num(v) for k, v in r.items()} for r in read_evals(run_dir)]
     rows = []
     for name, p in points.items():
         if name == "end" and any(

@@ -20,7 +20,7 @@ from lmim.data.fashion_mnist import DEBIAN_DIR
 from lmim.errors import ConfigError
 from lmim.evaluation import extract_features, extract_layer_features, linear_probe_accuracy
 from lmim.export import load_pretrainer
-from lmim.report import Run, plot, read_evals, report
+from lmim.report import Run, mean_curve, plot, read_evals, report
 from lmim.train import train
 from tests.conftest import TINY
 
@@ -144,14 +144,24 @@ def test_evals_csv_reaches_the_report(make_cfg, tmp_path):
 
 
 def test_seeds_are_drawn_as_a_mean_curve_with_its_range(tmp_path):
+    """Two seeds of one method: the points both have, averaged, with their min and max."""
     import matplotlib.image
 
-    def run(seed: int, accs: list[float]) -> Run:
-        rows = [{DEVICE_HOURS: 0.1 * i, "train/loss": 1.0} for i in range(4)]
-        rows += [{DEVICE_HOURS: 0.1 * i, "eval/top1": a} for i, a in enumerate(accs)]
+    curves = [
+        ([0.0, 0.1, 0.2], [50.0, 60.0, 70.0]),
+        ([0.0, 0.12, 0.2, 0.3], [52.0, 58.0, 74.0, 80]),
+    ]
+    xs, mean, lo, hi = mean_curve(curves)
+    assert xs == pytest.approx([0.0, 0.11, 0.2])
+    assert mean == pytest.approx([51.0, 59.0, 72.0])
+    assert (lo, hi) == ([50.0, 58.0, 70.0], [52.0, 60.0, 74.0])
+
+    def run(seed: int, curve) -> Run:
+        rows = [{DEVICE_HOURS: x, "train/loss": 1.0} for x in curve[0]]
+        rows += [{DEVICE_HOURS: x, "eval/top1": y} for x, y in zip(*curve, strict=True)]
         return Run(f"s{seed}", {"method": "localmim"}, "g", rows, "x")
 
-    png = plot([run(0, [50, 60, 70]), run(1, [52, 58, 74])], tmp_path / "p.png", "eval/top1")
+    png = plot([run(0, curves[0]), run(1, curves[1])], tmp_path / "p.png", "eval/top1")
     assert matplotlib.image.imread(png).shape[1] == 12 * 120
 
 

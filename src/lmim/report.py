@@ -337,6 +337,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], acc_key: str | None) -> str:
     return "\n".join(lines)
 
 
+def mean_curve(
+    curves: Sequence[tuple[list[float], list[float]]],
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Repeats of one run (seeds) as one curve: over the points every repeat has, the mean
+    x, and the mean, min and max of y."""
+    n = min(len(xs) for xs, _ in curves)
+    xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
+    ys = [[c[1][i] for c in curves] for i in range(n)]
+    return xs, [sum(y) / len(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
+
+
 def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) -> Path:
     """Loss (and accuracy) against device-hours, one colour and legend entry per method."""
     import matplotlib
@@ -368,24 +379,15 @@ def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) 
             group = [r for lab, r in zip(labels, runs, strict=True) if lab == label]
             curves = [r.series(acc_key) for r in group]
             if len(group) > 1 and all(len(xs) > 1 for xs, _ in curves):
-                # repeats (seeds): the mean curve over the points all runs have, and its range
-                n = min(len(xs) for xs, _ in curves)
-                xs = [sum(c[0][i] for c in curves) / len(curves) for i in range(n)]
-                ys = [[c[1][i] for c in curves] for i in range(n)]
+                xs, mean, lo, hi = mean_curve(curves)
                 axes[1].plot(
                     xs,
-                    [sum(y) / len(y) for y in ys],
+                    mean,
                     "o-",
                     color=colours[label],
                     label=f"{label} (mean of {len(group)}, range shaded)",
                 )
-                axes[1].fill_between(
-                    xs,
-                    [min(y) for y in ys],
-                    [max(y) for y in ys],
-                    color=colours[label],
-                    alpha=0.2,
-                )
+                axes[1].fill_between(xs, lo, hi, color=colours[label], alpha=0.2)
                 continue
             if len(group) > 1:  # a budget sweep: each run's final accuracy at its total cost
                 pts = [(r.maximum(DEVICE_HOURS), r.last(acc_key)) for r in group]
