@@ -29,12 +29,12 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks notebooks
+	$(PY) -m ruff format --check src tests benchmarks notebooks
 
 format: $(STAMP)
-	$(PY) -m ruff format src tests benchmarks
-	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks notebooks
+	$(PY) -m ruff check --fix src tests benchmarks notebooks
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py --model vit_b --target hog --batch 8 --steps 5

@@ -332,7 +332,9 @@ def summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_
     for arm in args.arms:
         table[arm] = {}
         for i, m in enumerate(points):
-            rows = [runs[i + 1] for runs in equal_time[arm].values() if len(runs) > i + 1]
+            # a run whose cosine ended before a point holds its final encoder there
+            rows = [runs[min(i + 1, len(runs) - 1)] for runs in equal_time[arm].values()]
+            rows = [r for r in rows if r["name"] != "start"]
             if not rows:
                 continue
             table[arm][f"{m:g}"] = {

@@ -180,6 +180,26 @@ def test_minutes_to_reach():
     )
 
 
+def test_a_run_that_ended_early_counts_at_every_later_point():
+    bench = load_bench()
+    args = bench.parse(["--minutes", "5", "--arms", "mae-sized"])
+
+    def row(name, minutes, step, acc):
+        r = {"name": name, "perf/device_hours": minutes / 60, "trainer/global_step": step}
+        return r | {f"eval/{k}_top1": acc for k in bench.EVAL_KEYS}
+
+    full = [row("start", 0, 0, 60)] + [
+        row(f"{m}min", m, 10 * m, 60 + m) for m in (2, 3, 4, 5)
+    ]  # every point reached
+    early = [row("start", 0, 0, 60), row("2min", 2, 20, 70), row("3min", 3, 30, 72)]
+    res = bench.summarise(args, {}, {"mae-sized": {0: full, 1: early}}, {}, {}, {}, {}, [])
+    table = res["equal_time"]["mae-sized"]
+    assert table["2"]["knn_last"] == {"mean": 66.0, "min": 62.0, "max": 70.0, "n": 2}
+    # seed 1 stopped at 3 minutes: its final encoder stands for it at 4 and 5
+    assert table["5"]["knn_last"] == {"mean": 68.5, "min": 65.0, "max": 72.0, "n": 2}
+    assert table["5"]["device_minutes"]["min"] == pytest.approx(3.0)
+
+
 @needs_fmnist
 def test_budget_benchmark_end_to_end(tmp_path):
     """Two arms, toy budget: each run stops at its time budget with checkpoints at 40/60/80/100%,
