@@ -302,3 +302,109 @@ def test_pixels_non_integer_cell_raises() -> None:
     """Pixel targets need whole-pixel cells: 3.5 px raises ConfigError."""
     with pytest.raises(ConfigError, match="3.5"):
         NormalizedPixels(cell_sizes=(3.5, 7, 14, 28))
+
+
+def released_hog(images: torch.Tensor, nbins: int, cell: int) -> torch.Tensor:
+    """The released arithmetic, written from its description (LOCALMIM.md 3.2, no bias): per
+    channel a reflect-padded 2-output-channel 3x3 ``conv2d`` with K0 (left - right) and
+    K1 = K0^T, m = sqrt(g0^2 + g1^2), bin floor(atan2(g0, g1) nbins / pi) mod nbins, hard
+    assignment, k x k average pooling, ``F.normalize`` (eps 1e-12) over the bins.
+
+    Args:
+        images: (1, C, H, W) normalised images.
+
+    Returns:
+        (H / cell * W / cell, C, nbins) cells in raster order.
+    """
+    import torch.nn.functional as F
+
+    _, C, H, W = images.shape
+    k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    g = F.conv2d(
+        F.pad(images.reshape(C, 1, H, W), (1, 1, 1, 1), mode="reflect"),
+        torch.stack([k0, k0.T]).unsqueeze(1),
+    )
+    mag = torch.sqrt(g[:, 0] ** 2 + g[:, 1] ** 2)
+    idx = torch.floor(torch.atan2(g[:, 0], g[:, 1]) * nbins / math.pi).long() % nbins
+    hist = torch.zeros(C, nbins, H, W).scatter_(1, idx[:, None], mag[:, None])
+    cells = F.normalize(F.avg_pool2d(hist, cell, cell), dim=1, eps=1e-12)
+    return cells.reshape(C, nbins, -1).permute(2, 0, 1)
+
+
+def integer_sobel(u8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The exact left-right Sobel response g0 of an 8-bit (C, H, W) image, in integers
+    (reflect padding), and where every neighbour difference behind g0 (index 0) and g1
+    (index 1) is zero: (2, C, H, W)."""
+    p = np.pad(u8.astype(np.int64), ((0, 0), (1, 1), (1, 1)), mode="reflect")
+    lr = p[:, :, :-2] - p[:, :, 2:]  # left - right, (C, H + 2, W)
+    tb = p[:, :-2] - p[:, 2:]  # top - bottom, (C, H, W + 2)
+    g0 = lr[:, :-2] + 2 * lr[:, 1:-1] + lr[:, 2:]
+    equal0 = (lr[:, :-2] == 0) & (lr[:, 1:-1] == 0) & (lr[:, 2:] == 0)
+    equal1 = (tb[..., :-2] == 0) & (tb[..., 1:-1] == 0) & (tb[..., 2:] == 0)
+    return g0, np.stack([equal0, equal1])
+
+
+def test_hog_departs_from_the_released_code_only_where_it_is_rounding_noise() -> None:
+    """lmim's one numerical departure, pinned on a real 8-bit photo (scikit-image's astronaut,
+    512 px: a flat black background and straight edges), HOG-9 without bias on the
+    ImageNet-normalised image. lmim's separable Sobel differences of equal pixels are exactly
+    0, where the released 2-D convolution may leave ~1e-7 of rounding:
+
+    * (a) a cell with no gradient (every pixel's neighbours equal; 8.2% of the 4-px
+      channel-cells here) is exactly 0 in lmim; in the released code the L2 normalisation
+      turns the rounding into a unit vector in a noise-chosen direction (66% of them here);
+    * (b) an exactly vertical gradient (g0 = 0, g1 != 0: equal left and right neighbours, or
+      8-bit differences that cancel) puts all its magnitude in bin 0 in lmim; the released
+      code puts it in bin 0 or nbins - 1 by the sign of the rounding (here 12% in nbins - 1).
+
+    Everywhere else lmim equals a re-implementation of the released arithmetic: the gradients
+    to 2e-6 at every pixel, and the targets to 5e-6 (measured: 3.4e-6) in every channel-cell
+    holding no pixel whose exact, integer g0 is 0. Cells holding one are 36.7% of the 4-px,
+    66.3% of the 8-px, 93.4% of the 16-px and all of the 32-px channel-cells here, and 9.8%,
+    19.7%, 36.4% and 38.7% of all channel-cells differ by more than 1e-3 (this machine's
+    rounding). Where 8-bit differences cancel, lmim's float32 g0 is not always 0 either (9% of
+    the pixels whose exact g0 is 0, here): there both are rounding.
+    """
+    import skimage.data
+    import torch.nn.functional as F
+
+    nbins = 9
+    u8 = np.ascontiguousarray(skimage.data.astronaut().transpose(2, 0, 1))  # (3, 512, 512)
+    C, H, W = u8.shape
+    x = (torch.from_numpy(u8)[None].float() / 255 - MEAN) / STD
+    hog = HOG(nbins=nbins, cell_sizes=CELLS)
+    outs = hog(x)
+    g0, equal = integer_sobel(u8)
+    flat_px = torch.from_numpy(equal.all(axis=0))  # no gradient: (C, H, W)
+
+    grad = hog.gradients(x)  # (C, 2, H, W)
+    assert grad[:, 0][torch.from_numpy(equal[0])].abs().max() == 0  # equal neighbours: exact
+    vertical = (grad[:, 0] == 0) & (grad[:, 1] != 0)
+    assert vertical.float().mean() == pytest.approx(0.0137, abs=1e-4)
+    hist = hog.histogram(grad, 1).reshape(C, nbins, H, W)  # the per-pixel hard assignment
+    torch.testing.assert_close(hist[:, 0][vertical], grad[:, 1][vertical].abs(), atol=0, rtol=0)
+    assert hist[:, 1:].permute(1, 0, 2, 3)[:, vertical].abs().max() == 0  # (b): bin 0 only
+
+    k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]])
+    conv = F.conv2d(
+        F.pad(x.reshape(C, 1, H, W), (1, 1, 1, 1), mode="reflect"),
+        torch.stack([k0, k0.T]).unsqueeze(1),
+    )
+    assert (conv - grad).abs().max() < 2e-6  # the same gradients up to rounding
+    noisy_px = torch.from_numpy(g0 == 0)  # float32 g0 is 0 or rounding, in either arithmetic
+    for cell, out in zip(CELLS, outs, strict=True):
+        ours = out[0].reshape(-1, C, nbins)
+        released = released_hog(x, nbins, cell)
+
+        def holds(px: torch.Tensor, cell: int = cell) -> torch.Tensor:
+            """(C, H, W) pixels -> (cells, C): whether the channel-cell holds one."""
+            return F.max_pool2d(px.float()[:, None], cell, cell)[:, 0].reshape(C, -1).T.bool()
+
+        flat, noisy = ~holds(~flat_px), holds(noisy_px)
+        assert ours[flat].abs().max() == 0  # (a): exactly zero
+        share = {4: (0.0815, 0.3665), 8: (0.0688, 0.6632), 16: (0.0423, 0.9342), 32: (0.0117, 1)}
+        assert flat.float().mean() == pytest.approx(share[cell][0], abs=1e-4)
+        assert noisy.float().mean() == pytest.approx(share[cell][1], abs=1e-4)
+        if not noisy.all():
+            diff = (ours - released).abs().amax(-1)
+            assert diff[~noisy].max() < 5e-6, (cell, diff[~noisy].max())

@@ -38,6 +38,20 @@ class HOG(Target):
     The per-pixel histogram is computed once and pooled at every cell size (coarser cells pool the
     finer pooled map when they nest); the released code recomputed it for every scale and channel.
 
+    The one numerical departure from the released code, where its value is rounding noise: the
+    Sobel responses are differences of neighbouring pixels (:meth:`gradients`), so equal
+    neighbours give exactly 0, where the released 2-D convolution may leave ~1e-7. Hence (a) a
+    cell with no gradient is exactly 0 here, while in the released code the L2 normalisation
+    turns that rounding into a unit vector in a noise-chosen direction; and (b) an exactly
+    vertical gradient (g0 = 0, g1 != 0; atan2 gives 0 or +-pi) falls in bin 0 here, while the
+    released code puts it in bin 0 or ``nbins - 1`` by the sign of the rounding. Both are
+    common on 8-bit photos (flat regions, straight edges). Everywhere else the two agree to
+    rounding (5e-6). This arithmetic is kept: it is deterministic and device-independent
+    (elementwise float32 operations, no convolution algorithm to pick). Where unequal 8-bit
+    neighbours cancel exactly, its float32 g0 can be rounding too.
+    ``tests/test_targets.py::test_hog_departs_from_the_released_code_only_where_it_is_rounding_noise``
+    pins both cases on a real photo and gives the shares of cells.
+
     Args:
         nbins: orientation bins over [0, pi) (9 or 18 in LocalMIM).
         cell_sizes: cell side in pixels per output (ViT: 4, 8, 16, 32; Swin: 8, 16, 32, 32).
