@@ -404,6 +404,96 @@ def test_report_compares_both_methods(sweep, tmp_path):
     assert (tmp_path / "cli" / "budget.png").stat().st_size > 10_000
 
 
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory) -> Path:
+    """Two 3-step runs through `python -m lmim.train` with the default
+    trainer.log_every_n_steps=50: one as configured, one without callbacks.final_step (a run
+    as short runs were before: no train/loss row)."""
+    tmp = tmp_path_factory.mktemp("short")
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    for name, extra in (("good", []), ("lossless", ["~callbacks.final_step"])):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lmim.train",
+                *TINY_RUN,
+                "logger=csv",
+                "trainer.max_steps=3",
+                "trainer.max_epochs=-1",
+                "trainer.enable_progress_bar=false",
+                "~callbacks.reconstruction",
+                *extra,
+                f"hydra.run.dir={tmp}/outputs/{name}",
+            ],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "outputs"
+
+
+def test_short_run_logs_its_last_step(short_runs):
+    """A run shorter than trainer.log_every_n_steps still writes its last optimizer step
+    (Lightning's step 2, the third) to metrics.csv, once, with the per-tap losses, lr and
+    device-hours; without callbacks.final_step it writes no loss at all."""
+    rows = read_rows(short_runs / "good" / "csv" / "metrics.csv")
+    losses = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in losses] == ["2"]
+    (last,) = losses
+    taps = [float(last[f"train/loss_block{i}"]) for i in (1, 3, 5, 7)]
+    assert float(last["train/loss"]) == pytest.approx(sum(taps), rel=1e-6)
+    assert float(last["lr"]) > 0 and float(last[DEVICE_HOURS]) > 0
+    assert float(last["perf/images_seen"]) == 3 * 8
+    lossless = read_rows(short_runs / "lossless" / "csv" / "metrics.csv")
+    assert lossless and not any("train/loss" in r for r in lossless)
+
+
+def test_report_skips_a_run_without_loss_with_a_note(short_runs, tmp_path):
+    """`python -m lmim.report outputs/ --group pretrain` on a folder holding a run without
+    train/loss reports the other run and says in one line which run it skipped and why."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lmim.report",
+            str(short_runs),
+            "--group",
+            "pretrain",
+            "--out",
+            str(tmp_path / "rep"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmim.report:")]
+    lossless = str((short_runs / "lossless" / "csv" / "metrics.csv").resolve())
+    assert notes == [
+        f"lmim.report: note: skipped {lossless}: no train/loss logged (a run shorter than "
+        "trainer.log_every_n_steps, trained without callbacks.final_step)"
+    ]
+    md = (tmp_path / "rep" / "budget.md").read_text()
+    assert "Runs: 1 (groups: pretrain)." in md
+    assert "| localmim | vit_test-localmim-hog-localmim-3steps | 3steps | 3 | 24 |" in md
+    assert f"Skipped (no loss to draw): `{lossless}`" in md
+    # every run without a loss: the one-line error, exit 2
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmim.report", str(short_runs / "lossless")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("lmim.report: error: no train/loss")
+
+
 def test_report_accuracy_panel_and_errors(tmp_path, capsys):
     """Runs logging an accuracy get a second panel (accuracy against device-hours, the budgets
     of a method joined by one line); inputs without runs stop with one clear line."""

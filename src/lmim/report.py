@@ -1,8 +1,11 @@
 """Compare methods against the device-hours they spent: ``python -m lmim.report RUN [RUN ...]``.
 
-Writes a PNG (loss, and evaluation accuracy when logged, against ``perf/device_hours``; one
-colour and legend entry per method) and a Markdown table (one row per run: budget, steps, images,
-device-hours, throughput, MFU, final loss and accuracy). A RUN is any of
+Writes a PNG (loss against ``perf/device_hours``, one panel per target since HOG and pixel
+losses are not on one scale, and evaluation accuracy when logged; one colour and legend entry
+per method) and a Markdown table (one row per run: budget, steps, images, device-hours,
+throughput, MFU, final loss and accuracy). Runs that logged no ``train/loss`` (e.g. shorter
+than ``trainer.log_every_n_steps`` before lmim logged the last step) are skipped with a note.
+A RUN is any of
 
 * a run or sweep folder (``outputs/<task>/runs/<time>``, ``outputs/<task>/multiruns/<time>``,
   any folder above them): every run below it, read from its W&B log
@@ -136,6 +139,9 @@ def read_csv_run(path: Path) -> Run:
     """A run from Lightning's ``metrics.csv``; labels from the ``hparams.yaml`` beside it."""
     with open(path, newline="") as f:
         rows = [{k: v for k, v in r.items() if v not in ("", None)} for r in csv.DictReader(f)]
+    for row in rows:  # Lightning's step column is what W&B logs as trainer/global_step
+        if "step" in row:
+            row.setdefault("trainer/global_step", row["step"])
     config: dict[str, Any] = {}
     hparams = path.parent / "hparams.yaml"
     if hparams.is_file():
@@ -348,8 +354,19 @@ def mean_curve(
     return xs, [sum(y) / len(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
 
 
-def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) -> Path:
-    """Loss (and accuracy) against device-hours, one colour and legend entry per method."""
+def loss_panels(runs: Sequence[Run]) -> dict[str, list[int]]:
+    """The loss panels of the figure: target label -> indices of the runs drawn in it (HOG and
+    pixel losses, or HOG-9 and HOG-18, are not on one scale)."""
+    panels: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        panels.setdefault(run.labels.get("target", "?"), []).append(i)
+    return dict(sorted(panels.items()))
+
+
+def figure(runs: Sequence[Run], acc_key: str | None, smooth: int = 1):
+    """The report's matplotlib figure: one loss panel per target (:func:`loss_panels`), then
+    an accuracy panel when ``acc_key`` is logged; x = device-hours, one colour and legend entry
+    per method (the same in every panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -359,35 +376,41 @@ def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) 
     order = sorted(set(labels))
     colours = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(order)}
     has_acc = acc_key is not None and any(r.series(acc_key)[0] for r in runs)
-    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12 if has_acc else 6.5, 4.5))
-    axes = list(axes) if has_acc else [axes]
-    seen: set[str] = set()
-    for label, run in zip(labels, runs, strict=True):
-        xs, ys = run.series(LOSS_KEY)
-        if smooth > 1 and len(ys) >= smooth:
-            ys = [
-                sum(ys[max(0, i - smooth + 1) : i + 1]) / len(ys[max(0, i - smooth + 1) : i + 1])
-                for i in range(len(ys))
-            ]
-        axes[0].plot(xs, ys, color=colours[label], label=None if label in seen else label)
-        seen.add(label)
-    axes[0].set_xlabel("device-hours (wall-clock x devices)")
-    axes[0].set_ylabel(LOSS_KEY)
-    axes[0].set_title("pre-training loss")
+    panels = loss_panels(runs)
+    n = len(panels) + int(has_acc)
+    fig, axes = plt.subplots(1, n, figsize=(6.5 if n == 1 else 6 * n, 4.5), squeeze=False)
+    axes = list(axes[0])
+    for ax, (target, members) in zip(axes, panels.items(), strict=False):
+        seen: set[str] = set()
+        for i in members:
+            label, run = labels[i], runs[i]
+            xs, ys = run.series(LOSS_KEY)
+            if smooth > 1 and len(ys) >= smooth:
+                ys = [
+                    sum(ys[max(0, j - smooth + 1) : j + 1])
+                    / len(ys[max(0, j - smooth + 1) : j + 1])
+                    for j in range(len(ys))
+                ]
+            ax.plot(xs, ys, color=colours[label], label=None if label in seen else label)
+            seen.add(label)
+        ax.set_xlabel("device-hours (wall-clock x devices)")
+        ax.set_ylabel(f"{LOSS_KEY} ({target} target)")
+        ax.set_title(f"pre-training loss, target {target}")
     if has_acc:
+        ax = axes[-1]
         for label in order:
             group = [r for lab, r in zip(labels, runs, strict=True) if lab == label]
             curves = [r.series(acc_key) for r in group]
             if len(group) > 1 and all(len(xs) > 1 for xs, _ in curves):
                 xs, mean, lo, hi = mean_curve(curves)
-                axes[1].plot(
+                ax.plot(
                     xs,
                     mean,
                     "o-",
                     color=colours[label],
                     label=f"{label} (mean of {len(group)}, range shaded)",
                 )
-                axes[1].fill_between(xs, lo, hi, color=colours[label], alpha=0.2)
+                ax.fill_between(xs, lo, hi, color=colours[label], alpha=0.2)
                 continue
             if len(group) > 1:  # a budget sweep: each run's final accuracy at its total cost
                 pts = [(r.maximum(DEVICE_HOURS), r.last(acc_key)) for r in group]
@@ -395,18 +418,35 @@ def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) 
                 pts = list(zip(*curves[0], strict=True))
             pts = sorted((x, y) for x, y in pts if x is not None and y is not None)
             if pts:
-                axes[1].plot(*zip(*pts, strict=True), "o-", color=colours[label], label=label)
-        axes[1].set_xlabel("device-hours (wall-clock x devices)")
-        axes[1].set_ylabel(acc_key)
-        axes[1].set_title("accuracy against cost")
+                ax.plot(*zip(*pts, strict=True), "o-", color=colours[label], label=label)
+        ax.set_xlabel("device-hours (wall-clock x devices)")
+        ax.set_ylabel(acc_key)
+        ax.set_title("accuracy against cost")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def plot(runs: Sequence[Run], path: Path, acc_key: str | None, smooth: int = 1) -> Path:
+    """Save :func:`figure` as a PNG at ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(runs, acc_key, smooth)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _no_loss_reason(run: Run) -> str:
+    if run.last(LOSS_KEY) is None:
+        return (
+            f"no {LOSS_KEY} logged (a run shorter than trainer.log_every_n_steps, trained "
+            "without callbacks.final_step)"
+        )
+    return f"{LOSS_KEY} without {DEVICE_HOURS} (trained without callbacks.perf)"
 
 
 def report(
@@ -419,15 +459,21 @@ def report(
 ) -> dict[str, Any]:
     """Read the runs and write ``<out>/budget.png`` and ``<out>/budget.md``.
 
+    Runs without ``train/loss`` against ``perf/device_hours`` are left out and listed in
+    ``skipped``; when no run is left, :class:`ReportError`.
+
     Returns:
-        ``{"png": Path, "markdown": Path, "rows": [...], "runs": [Run, ...]}``.
+        ``{"png": Path, "markdown": Path, "rows": [...], "runs": [Run, ...],
+        "skipped": [(source, reason), ...]}``.
     """
     runs = load_runs(inputs, source, group)
-    missing = [r.source for r in runs if not r.series(LOSS_KEY)[0]]
-    if missing:
+    skipped = [(r.source, _no_loss_reason(r)) for r in runs if not r.series(LOSS_KEY)[0]]
+    runs = [r for r in runs if r.series(LOSS_KEY)[0]]
+    if not runs:
         raise ReportError(
-            f"no {LOSS_KEY} against {DEVICE_HOURS} in {', '.join(missing)}: train with the "
-            "default callbacks (callbacks.perf) so device-hours are logged"
+            f"no {LOSS_KEY} against {DEVICE_HOURS} in {', '.join(s for s, _ in skipped)}: "
+            "train with the default callbacks (callbacks.perf logs device-hours, "
+            "callbacks.final_step the last step's loss)"
         )
     acc_key = acc_key or find_acc_key(runs)
     out = Path(out)
@@ -449,8 +495,10 @@ def report(
         "",
     ]
     md = out / "budget.md"
+    if skipped:
+        text[-1:-1] = ["Skipped (no loss to draw): " + ", ".join(f"`{s}`" for s, _ in skipped)]
     md.write_text("\n".join(text))
-    return {"png": png, "markdown": md, "rows": rows, "runs": runs}
+    return {"png": png, "markdown": md, "rows": rows, "runs": runs, "skipped": skipped}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -473,6 +521,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReportError as err:
         print(f"lmim.report: error: {err}", file=sys.stderr)
         return 2
+    for where, reason in result["skipped"]:
+        print(f"lmim.report: note: skipped {where}: {reason}", file=sys.stderr)
     print(Path(result["markdown"]).read_text())
     print(f"png: {result['png']}\nmarkdown: {result['markdown']}")
     return 0

@@ -1,0 +1,37 @@
+"""Log the last optimizer step of a run, whatever ``trainer.log_every_n_steps`` is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+
+
+def is_final_step(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether the batch that just ended (``on_train_batch_end``) finished the run's last
+    optimizer step: ``trainer.max_steps`` reached, or the last batch of the last epoch."""
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 0 or trainer.current_epoch + 1 < max_epochs:
+        return False
+    return batch_idx + 1 >= trainer.num_training_batches
+
+
+class FinalStepLog(L.Callback):
+    """Make the final optimizer step's metrics (``train/loss``, per-tap losses, ``lr``,
+    ``perf/*``) reach the loggers even when ``trainer.log_every_n_steps`` does not divide it,
+    so that a run shorter than ``log_every_n_steps`` still has a loss curve.
+
+    Lightning writes a batch's step metrics after every ``on_train_batch_end`` hook has run,
+    when the step is a multiple of ``log_every_n_steps`` or ``trainer.should_stop`` is set (and
+    then flushes the loggers). This callback sets ``should_stop`` on the batch that ends
+    training anyway, so that batch's row, with the other callbacks' values, is written. Nothing
+    else changes: the loop stops there in any case.
+    """
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch, batch_idx
+    ) -> None:
+        if is_final_step(trainer, batch_idx):
+            trainer.should_stop = True
