@@ -377,17 +377,41 @@ def _has_colour(png: Path, rgb: tuple[float, float, float], min_pixels: int = 50
     return int((np.abs(img - np.array(rgb)).max(axis=-1) < 0.02).sum()) >= min_pixels
 
 
+def panels(fig) -> list[tuple[str, str, dict[str, list[int]]]]:
+    """(title, y label, {legend entry: points of each line in its colour}) of each panel of a
+    report figure."""
+    out = []
+    for ax in fig.axes:
+        handles, names = ax.get_legend_handles_labels()
+        by_colour = {tuple(h.get_color()): name for h, name in zip(handles, names, strict=True)}
+        lines: dict[str, list[int]] = {}
+        for ln in ax.get_lines():
+            lines.setdefault(by_colour[tuple(ln.get_color())], []).append(len(ln.get_xdata()))
+        out.append((ax.get_title(), ax.get_ylabel(), lines))
+    return out
+
+
 def test_report_compares_both_methods(sweep, tmp_path):
-    """`lmim.report` on the sweep writes a PNG with one line per method and a Markdown table
-    with a row per method; offline W&B logs and CSV logs give the same numbers."""
+    """`lmim.report` on the sweep writes a PNG with one line per method, the HOG and pixel
+    losses in panels of their own (not one y-axis), and a Markdown table with a row per
+    method; offline W&B logs and CSV logs give the same numbers."""
     import matplotlib.pyplot as plt
 
+    from lmim.report import figure
+
     result = report([str(sweep)], tmp_path / "out")
-    assert sorted(r.method for r in result["runs"]) == ["localmim", "mae"]
+    runs = result["runs"]
+    assert sorted(r.method for r in runs) == ["localmim", "mae"]
     md = result["markdown"].read_text()
     assert "| localmim | vit_test-localmim-hog-localmim-3ep | 3ep | 9 | 72 |" in md
     assert "| mae | vit_test-mae-pixel-top_only-3ep | 3ep | 9 | 72 |" in md
     assert "budget.png" in md
+    fig = figure(runs, None)
+    assert panels(fig) == [
+        ("pre-training loss, target hog", "train/loss (hog target)", {"localmim": [9]}),
+        ("pre-training loss, target pixel", "train/loss (pixel target)", {"mae": [9]}),
+    ]
+    plt.close(fig)
     png = result["png"]
     for i in range(2):  # tab10 colours 0 and 1: one line per method
         assert _has_colour(png, plt.get_cmap("tab10")(i)[:3]), i
@@ -399,6 +423,7 @@ def test_report_compares_both_methods(sweep, tmp_path):
         other = by_method[row["method"]]
         assert row["device-hours"] == pytest.approx(other["device-hours"], rel=1e-5)
         assert row["final loss"] == pytest.approx(other["final loss"], rel=1e-6)
+        assert row["steps"] == other["steps"] == 9 and row["images"] == other["images"] == 72
 
     assert main([str(sweep), "--out", str(tmp_path / "cli")]) == 0
     assert (tmp_path / "cli" / "budget.png").stat().st_size > 10_000
@@ -495,22 +520,41 @@ def test_report_skips_a_run_without_loss_with_a_note(short_runs, tmp_path):
 
 
 def test_report_accuracy_panel_and_errors(tmp_path, capsys):
-    """Runs logging an accuracy get a second panel (accuracy against device-hours, the budgets
-    of a method joined by one line); inputs without runs stop with one clear line."""
+    """Runs logging an accuracy get an accuracy panel after the loss panels (accuracy against
+    device-hours, the budgets of a method joined by one line at their total cost); runs of two
+    targets get a loss panel each; inputs without runs stop with one clear line."""
+    import matplotlib.pyplot as plt
 
-    def run(method: str, hours: float, acc: float) -> Run:
+    from lmim.report import figure
+
+    def run(method: str, target: str, hours: float, acc: float) -> Run:
         rows = [
             {DEVICE_HOURS: hours * t, "train/loss": 1.0 - 0.5 * t, "trainer/global_step": 10 * t}
             for t in (0.25, 0.5, 1.0)
         ]
         rows.append({DEVICE_HOURS: hours, "eval/top1": acc})
-        return Run(f"{method}-{hours}", {"method": method, "model": "vit_b"}, "g", rows, "x")
+        labels = {"method": method, "model": "vit_b", "target": target}
+        return Run(f"{method}-{hours}", labels, "g", rows, "x")
 
-    runs = [run("localmim", 70, 83.3), run("localmim", 1120, 84.0), run("mae", 1760, 83.6)]
+    runs = [
+        run("localmim", "hog", 70, 83.3),
+        run("localmim", "hog", 1120, 84.0),
+        run("mae", "pixel", 1760, 83.6),
+    ]
+    fig = figure(runs, "eval/top1")
+    assert panels(fig) == [
+        ("pre-training loss, target hog", "train/loss (hog target)", {"localmim": [3, 3]}),
+        ("pre-training loss, target pixel", "train/loss (pixel target)", {"mae": [3]}),
+        ("accuracy against cost", "eval/top1", {"localmim": [2], "mae": [1]}),
+    ]
+    localmim_acc = fig.axes[2].get_lines()[0]
+    assert list(localmim_acc.get_xdata()) == [70, 1120]
+    assert list(localmim_acc.get_ydata()) == [83.3, 84.0]
+    plt.close(fig)
     png = plot(runs, tmp_path / "acc.png", "eval/top1")
     import matplotlib.image
 
-    assert matplotlib.image.imread(png).shape[1] == 12 * 120  # two panels
+    assert matplotlib.image.imread(png).shape[1] == 3 * 6 * 120  # the three panels, saved
     assert main([str(tmp_path / "nothing-here")]) == 2
     assert "no such file" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()

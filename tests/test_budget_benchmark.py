@@ -20,7 +20,7 @@ from lmim.data.fashion_mnist import DEBIAN_DIR
 from lmim.errors import ConfigError
 from lmim.evaluation import extract_features, extract_layer_features, linear_probe_accuracy
 from lmim.export import load_pretrainer
-from lmim.report import Run, mean_curve, plot, read_evals, report
+from lmim.report import Run, figure, mean_curve, plot, read_evals, report
 from lmim.train import train
 from tests.conftest import TINY
 
@@ -146,6 +146,7 @@ def test_evals_csv_reaches_the_report(make_cfg, tmp_path):
 def test_seeds_are_drawn_as_a_mean_curve_with_its_range(tmp_path):
     """Two seeds of one method: the points both have, averaged, with their min and max."""
     import matplotlib.image
+    import matplotlib.pyplot as plt
 
     curves = [
         ([0.0, 0.1, 0.2], [50.0, 60.0, 70.0]),
@@ -161,8 +162,19 @@ def test_seeds_are_drawn_as_a_mean_curve_with_its_range(tmp_path):
         rows += [{DEVICE_HOURS: x, "eval/top1": y} for x, y in zip(*curve, strict=True)]
         return Run(f"s{seed}", {"method": "localmim"}, "g", rows, "x")
 
-    png = plot([run(0, curves[0]), run(1, curves[1])], tmp_path / "p.png", "eval/top1")
-    assert matplotlib.image.imread(png).shape[1] == 12 * 120
+    runs = [run(0, curves[0]), run(1, curves[1])]
+    fig = figure(runs, "eval/top1")
+    loss, acc = fig.axes
+    assert loss.get_title() == "pre-training loss, target ?" and len(loss.get_lines()) == 2
+    (line,) = acc.get_lines()
+    assert line.get_label() == "localmim (mean of 2, range shaded)"
+    assert list(line.get_xdata()) == pytest.approx(xs) and list(line.get_ydata()) == mean
+    (band,) = acc.collections  # fill_between: the min-max range of the seeds
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == 50.0 and max(ys) == 74.0
+    plt.close(fig)
+    png = plot(runs, tmp_path / "p.png", "eval/top1")
+    assert matplotlib.image.imread(png).shape[1] == 12 * 120  # saved with both panels
 
 
 # ---- benchmarks/budget.py ------------------------------------------------------------------------
