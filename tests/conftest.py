@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -47,6 +48,41 @@ def make_cfg(tmp_path) -> Callable[..., DictConfig]:
 
     yield _make
     GlobalHydra.instance().clear()
+
+
+def fashion_mnist_dir() -> Path:
+    """Where the Fashion-MNIST tests look: Debian's dataset-fashion-mnist folder, or
+    ``LMIM_TEST_FASHION_MNIST`` (to check the CI rule below on a machine that has it)."""
+    from lmim.data.fashion_mnist import DEBIAN_DIR
+
+    return Path(os.environ.get("LMIM_TEST_FASHION_MNIST", DEBIAN_DIR))
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_fashion_mnist() -> Path:
+    """The Fashion-MNIST folder. Without it the calling test is skipped, except under
+    ``CI=true``, where it fails: CI must not pass while skipping the evaluation tests."""
+    folder = fashion_mnist_dir()
+    if folder.is_dir():
+        return folder
+    missing = f"Fashion-MNIST is not installed ({folder}; make fashion-mnist installs it)"
+    if under_ci():
+        pytest.fail(f"{missing}: under CI=true the evaluation tests must run", pytrace=False)
+    pytest.skip(missing)
+
+
+@pytest.fixture(scope="session")
+def fashion_mnist() -> Path:
+    """:func:`require_fashion_mnist` as a fixture; session-scoped, so it is checked before any
+    module fixture that trains on Fashion-MNIST."""
+    return require_fashion_mnist()
+
+
+# Tests on Fashion-MNIST: `@needs_fmnist`.
+needs_fmnist = pytest.mark.usefixtures("fashion_mnist")
 
 
 # A fast training config: the 8-block test ViT on the embedded photos at 64 px.

@@ -16,18 +16,14 @@ from torch.utils.data import DataLoader
 import lmim
 from lmim.callbacks import BudgetCheckpoints
 from lmim.callbacks.perf import DEVICE_HOURS
-from lmim.data.fashion_mnist import DEBIAN_DIR
 from lmim.errors import ConfigError
 from lmim.evaluation import extract_features, extract_layer_features, linear_probe_accuracy
 from lmim.export import load_pretrainer
 from lmim.report import Run, figure, mean_curve, plot, read_evals, report
 from lmim.train import train
-from tests.conftest import TINY
+from tests.conftest import TINY, needs_fmnist
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_fmnist = pytest.mark.skipif(
-    not Path(DEBIAN_DIR).is_dir(), reason="dataset-fashion-mnist not installed (make fashion-mnist)"
-)
 
 
 def load_bench():
