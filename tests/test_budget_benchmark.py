@@ -208,13 +208,15 @@ def test_a_run_that_ended_early_counts_at_every_later_point():
     assert table["5"]["device_minutes"]["min"] == pytest.approx(3.0)
 
 
+@pytest.mark.slow
 @needs_fmnist
 def test_budget_benchmark_end_to_end(tmp_path):
     """Two arms, toy budget: each run stops at its time budget with checkpoints at 40/60/80/100%,
-    every checkpoint is evaluated (evals.csv), the arms of a seed share the initialisation, the
-    equal-steps MAE run makes exactly LocalMIM's steps, fine-tunes and the from-scratch level are
-    reported, and results.md, results.json and the lmim.report PNG are written. A second call
-    keeps every finished stage."""
+    every checkpoint is evaluated (evals.csv; the table holds those evaluations, and evaluating
+    the last checkpoint again gives the same accuracies), the arms of a seed share the
+    initialisation, the equal-steps MAE run makes exactly LocalMIM's steps, fine-tunes and the
+    from-scratch level are reported, and results.md, results.json and the lmim.report PNG are
+    written. A second call keeps every finished stage."""
     bench = load_bench()
     out = tmp_path / "bench"
     argv = [
@@ -230,6 +232,7 @@ def test_budget_benchmark_end_to_end(tmp_path):
     ]  # fmt: skip
     res = bench.main(argv)
     assert res["points"] == pytest.approx([0.04, 0.06, 0.08, 0.1])
+    data = bench.EvalData(bench.parse(argv))
     for arm in ("localmim-sized", "mae-sized"):
         table = res["equal_time"][arm]
         assert list(table) == ["0.04", "0.06", "0.08", "0.1"]
@@ -237,10 +240,20 @@ def test_budget_benchmark_end_to_end(tmp_path):
         steps = [v["steps"]["mean"] for v in table.values()]
         assert steps == sorted(steps) and steps[0] > 0
         assert all(m >= p * 0.999 for m, p in zip(minutes, res["points"], strict=True))
-        for v in table.values():
-            assert all(0 <= v[k]["mean"] <= 100 for k in bench.EVAL_KEYS)
         rows = read_evals(out / "equal_time" / f"{arm}-s0")
         assert rows[0]["name"] == "start" and len(rows) == len(table) + 1
+        for (point, v), row in zip(table.items(), rows[1:], strict=True):
+            assert row["name"] == f"{point}min"
+            for k in bench.EVAL_KEYS:  # one seed: the mean is that checkpoint's evaluation
+                acc = float(row[f"eval/{k}_top1"])
+                assert v[k] == {"mean": acc, "min": acc, "max": acc, "n": 1}
+                assert acc == pytest.approx(round(acc), abs=1e-9)  # k of the 100 test images
+        points = json.loads(
+            (out / "equal_time" / f"{arm}-s0" / "checkpoints" / "points.json").read_text()
+        )
+        last = load_pretrainer(next(p["path"] for p in points if p["name"] == "0.1min"))
+        again = bench.evaluate_encoder(last.encoder, data, last.encoder.depth // 2 - 1)
+        assert again == {k: float(rows[-1][f"eval/{k}_top1"]) for k in bench.EVAL_KEYS}
     # one shared initialisation, evaluated once
     a, b = (read_evals(out / "equal_time" / f"{arm}-s0")[0] for arm in bench.ARMS if "sized" in arm)
     assert a["eval/knn_last_top1"] == b["eval/knn_last_top1"]
