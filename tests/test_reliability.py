@@ -472,8 +472,10 @@ def test_nan_loss_step_is_skipped_and_counted(make_cfg, tmp_path, precision, how
         ]
     )
     if fp16:
+        # growth every clean step: the final scale tells whether the scaler saw step 2
+        scaler = {**FP16_SCALER["scaler"], "growth_interval": 1}
         with open_dict(cfg):
-            cfg.trainer.plugins.append(FP16_SCALER)
+            cfg.trainer.plugins.append({**FP16_SCALER, "scaler": scaler})
     result = train(cfg)
     assert result["metrics"]["train/nonfinite_steps"] == 1.0
     assert WeightChanges.changed == {0: True, 1: True, 2: False, 3: True, 4: True}
@@ -485,8 +487,12 @@ def test_nan_loss_step_is_skipped_and_counted(make_cfg, tmp_path, precision, how
     assert math.isnan(rows[2]) and all(math.isfinite(v) for s, v in rows.items() if s != 2)
     if fp16:
         scale = ckpt["MixedPrecision"]["scale"]
-        # NaN gradients make the scaler back off; a NaN loss alone it need not see
-        assert scale == 0.5 if how == "mul" else scale <= 1.0
+        # From 1.0, x2 after each clean step: 1 -> 2 -> 4, x0.5 at the skipped step 2 when the
+        # scaler sees it (NaN gradients, or the fused optimizer's NaN-filled one), then 8. With
+        # finite gradients the foreach path drops them after unscaling: the scaler sees a clean
+        # step and grows, 32.
+        seen = how == "mul" or precision == "16-mixed+fused"
+        assert scale == (8.0 if seen else 32.0)
 
 
 def test_nan_every_step_stops_keeping_last_good_checkpoint(make_cfg, tmp_path, one_thread):
