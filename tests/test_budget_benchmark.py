@@ -247,7 +247,7 @@ def test_budget_benchmark_end_to_end(tmp_path):
             for k in bench.EVAL_KEYS:  # one seed: the mean is that checkpoint's evaluation
                 acc = float(row[f"eval/{k}_top1"])
                 assert v[k] == {"mean": acc, "min": acc, "max": acc, "n": 1}
-                assert acc == pytest.approx(round(acc), abs=1e-9)  # k of the 100 test images
+                assert acc == pytest.approx(round(acc), abs=1e-4)  # k of the 100 test images
         points = json.loads(
             (out / "equal_time" / f"{arm}-s0" / "checkpoints" / "points.json").read_text()
         )

@@ -28,8 +28,30 @@ def test_fast_dev_run(make_cfg):
     """One batch through the whole stack (fast_dev_run) on the tiny ViT."""
     cfg = make_cfg([*TINY, "debug=fdr"])
     result = train(cfg)
-    assert math.isfinite(result["metrics"]["train/loss"])
-    assert {f"train/loss_block{i}" for i in (1, 3, 5, 7)} <= set(result["metrics"])
+    taps = [result["metrics"][f"train/loss_block{i}"] for i in (1, 3, 5, 7)]
+    assert result["metrics"]["train/loss"] == pytest.approx(sum(taps), rel=1e-6)  # unweighted
+
+
+@pytest.mark.parametrize(
+    ("every", "final_step", "logged"),
+    [(2, True, ["1", "2"]), (3, True, ["2"]), (2, False, ["1"])],
+    ids=["every-2", "every-3", "every-2-without-callback"],
+)
+def test_last_step_of_the_last_epoch_is_logged_once(make_cfg, every, final_step, logged):
+    """A 3-step epoch: the steps trainer.log_every_n_steps selects, plus the last one (its
+    step 2) once, however the two coincide; callbacks.final_step is what adds it."""
+    overrides = [
+        *TINY,
+        "data.samples_per_epoch=24",
+        "trainer.max_epochs=1",
+        f"trainer.log_every_n_steps={every}",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.reconstruction",
+    ]
+    result = train(make_cfg([*overrides, *([] if final_step else ["~callbacks.final_step"])]))
+    rows = [r for r in read_metrics(result["metrics_csv"]) if r.get("train/loss")]
+    assert [r["step"] for r in rows] == logged
+    assert all(r["perf/device_hours"] and r["lr"] for r in rows)
 
 
 def test_demo_data_30_steps_loss_goes_down(make_cfg, tmp_path):
@@ -132,22 +154,28 @@ def test_weight_decay_groups():
 
 
 def test_wandb_offline_run_records_metrics(make_cfg, tmp_path):
-    """The default W&B logger goes offline without a key and writes a run holding the config,
-    the losses, lr, images/s and device-hours."""
-    cfg = make_cfg([*TINY, "logger=wandb", "debug=limit"])
+    """The default W&B logger goes offline without a key and writes a run holding the config
+    and, at every step, the losses, lr, images/s and device-hours: the same values as the CSV
+    logger beside it."""
+    from lmim.callbacks.perf import DEVICE_HOURS
+    from lmim.wandb_file import read_wandb_file
+
+    cfg = make_cfg([*TINY, "logger=many", "debug=limit"])
     train(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    data = runs[0].read_bytes()
-    for key in (
-        b"train/loss",
-        b"train/loss_block7",
-        b"lr",
-        b"perf/device_hours",
-        b"perf/images_per_sec",
-        b"mask_ratio",
-    ):
-        assert key in data, key
+    run = read_wandb_file(runs[0])
+    assert run.exit_code == 0
+    keys = ["train/loss", *(f"train/loss_block{i}" for i in (1, 3, 5, 7)), "lr", DEVICE_HOURS]
+    logged = [r for r in run.history if "train/loss" in r]
+    assert len(logged) == 6  # debug=limit: 2 epochs of 3 steps, every step logged
+    assert all(set(keys) | {"perf/images_per_sec"} <= set(r) for r in logged)
+    rows = [r for r in read_metrics(str(tmp_path / "run" / "csv" / "metrics.csv")) if r["lr"]]
+    for key in keys:
+        assert [r[key] for r in logged] == pytest.approx([float(r[key]) for r in rows], rel=1e-6)
+    lrs = [r["lr"] for r in logged]  # the warm-up: from 0, rising every step
+    assert lrs[0] == 0.0 and all(b > a for a, b in zip(lrs, lrs[1:], strict=False))
+    assert run.config["model"]["mask_ratio"] == 0.75
     import wandb
 
     assert wandb.run is None  # finished
