@@ -50,6 +50,47 @@ def make_cfg(tmp_path) -> Callable[..., DictConfig]:
     GlobalHydra.instance().clear()
 
 
+def loss_by_hand(out, mask_grid: tuple[int, int]) -> list:
+    """The method's loss (section 4) recomputed from a forward's predictions, targets and patch
+    mask: per tap, the mean over the masked cells (a coarse cell weighs the share of its
+    patches that are masked) of the mean squared error over the target dims.
+
+    Args:
+        out: a :class:`lmim.models.LocalMIMOutput`.
+        mask_grid: rows and columns of the patch (or Swin unit) mask.
+
+    Returns:
+        [(B, N_k) float64 cell weights, float64 loss] per tap.
+    """
+
+    B = out.mask.shape[0]
+    mask = out.mask.double().reshape(B, *mask_grid)
+    result = []
+    for pred, target, (h, w) in zip(out.preds, out.targets, out.grids, strict=True):
+        if h >= mask_grid[0]:  # finer cells: each patch's value over its sub-cells
+            f = h // mask_grid[0]
+            weight = mask.repeat_interleave(f, 1).repeat_interleave(f, 2)
+        else:  # coarser cells: the masked share of the patches they cover
+            f = mask_grid[0] // h
+            weight = mask.reshape(B, h, f, w, f).mean(dim=(2, 4))
+        weight = weight.reshape(B, h * w)
+        err = (pred.double() - target.double()).pow(2).mean(dim=-1)
+        result.append((weight, (err * weight).sum() / weight.sum()))
+    return result
+
+
+def assert_loss_by_hand(out, mask_grid: tuple[int, int]) -> None:
+    """The forward's cell weights, per-tap losses (in tap order) and their unweighted sum
+    equal :func:`loss_by_hand`."""
+    import torch
+
+    by_hand = loss_by_hand(out, mask_grid)
+    for (weight, loss), w, name in zip(by_hand, out.weights, out.losses, strict=True):
+        torch.testing.assert_close(w.double(), weight, rtol=0, atol=1e-7)
+        assert out.losses[name].item() == pytest.approx(loss.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(sum(loss.item() for _, loss in by_hand), rel=1e-5)
+
+
 def fashion_mnist_dir() -> Path:
     """Where the Fashion-MNIST tests look: Debian's dataset-fashion-mnist folder, or
     ``LMIM_TEST_FASHION_MNIST`` (to check the CI rule below on a machine that has it)."""

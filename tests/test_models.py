@@ -18,6 +18,7 @@ from lmim.models import LocalMIM, MaskedViT, ViTLocalDecoder
 from lmim.models.masking import mask_indices, random_mask
 from lmim.models.pos_embed import sincos_2d
 from lmim.targets import HOG
+from tests.conftest import assert_loss_by_hand
 
 HOG9 = partial(HOG, nbins=9)
 
@@ -59,14 +60,19 @@ def test_vit_b_prediction_shapes(vit_b: LocalMIM) -> None:
     torch.manual_seed(0)
     assert vit_b.taps == [1, 3, 9, 11]
     assert vit_b.cell_sizes == [4, 8, 16, 32]
+    x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
-        out = vit_b(torch.randn(1, 3, 224, 224))
+        out = vit_b(x)
+        targets = vit_b.target(x)
     shapes = [(1, n, 27) for n in (3136, 784, 196, 49)]
     assert [tuple(p.shape) for p in out.preds] == shapes
     assert [tuple(t.shape) for t in out.targets] == shapes
     assert [tuple(w.shape) for w in out.weights] == [s[:2] for s in shapes]
     assert int(out.mask.sum()) == 196 - 49
-    assert torch.isfinite(out.loss)
+    for got, expected in zip(out.targets, targets, strict=True):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # the loss: per tap the masked MSE (7^2 cells weigh their masked share), summed
+    assert_loss_by_hand(out, (14, 14))
 
 
 def test_vit_b_trainable_parameter_count(vit_b: LocalMIM) -> None:
