@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import inspect
-import math
 import os
 import subprocess
 import sys
@@ -637,9 +636,16 @@ def test_throughput_compare_times_both_methods(capsys):
     )
     assert [r["method"] for r in rows] == ["localmim", "mae"]
     assert [r["target"] for r in rows] == ["HOG", "NormalizedPixels"]
+    for row in rows:  # the FLOPs of each method's model, counted the way MFU counts them
+        net = create_pretrainer("vit_test", method=row["method"], img_size=64)
+        assert row["GFLOP/img"] == pytest.approx(count_flops_per_image(net, 2, (3, 64, 64)) / 1e9)
+        assert row["img/s"] == pytest.approx(2 * 1000 / row["ms/step"])
     assert rows[0]["GFLOP/img"] < rows[1]["GFLOP/img"]
-    assert all(math.isfinite(r["ms/step"]) and r["ms/step"] > 0 for r in rows)
-    assert "localmim/mae per step:" in capsys.readouterr().out
+    a, b = rows
+    ratio = f"{a['ms/step'] / b['ms/step']:.3f}"
+    flops = f"{a['GFLOP/img'] / b['GFLOP/img']:.3f}"
+    out = capsys.readouterr().out
+    assert f"localmim/mae per step: {ratio} (FLOPs per image: " in out and f"= {flops})" in out
 
 
 def test_slurm_launcher_config(make_cfg):
