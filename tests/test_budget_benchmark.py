@@ -55,7 +55,8 @@ def test_budget_checkpoints_save_at_each_point_and_stop_at_the_last(make_cfg, tm
     points = {p["name"]: p for p in json.loads((folder / "points.json").read_text())}
     assert list(points) == ["start", "0.01min", "0.02min", "end"]
     assert points["start"]["step"] == 0
-    assert 0 < points["0.01min"]["step"] < points["0.02min"]["step"] == points["end"]["step"]
+    # one slow step (a busy machine) may pass both points: then both hold that step
+    assert 0 < points["0.01min"]["step"] <= points["0.02min"]["step"] == points["end"]["step"]
     assert points["end"]["step"] < 400  # stopped by the budget, not by max_steps
     for name, minutes in (("0.01min", 0.01), ("0.02min", 0.02)):
         assert points[name]["device_hours"] * 60 >= minutes
