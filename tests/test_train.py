@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -164,7 +165,11 @@ def test_wandb_offline_run_records_metrics(make_cfg, tmp_path):
     train(cfg)
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
-    run = read_wandb_file(runs[0])
+    # wandb.finish() returns before W&B's service process has written the whole file on a busy
+    # machine: read it once its exit record is there
+    end = time.monotonic() + 120
+    while (run := read_wandb_file(runs[0])).exit_code is None and time.monotonic() < end:
+        time.sleep(0.1)
     assert run.exit_code == 0
     keys = ["train/loss", *(f"train/loss_block{i}" for i in (1, 3, 5, 7)), "lr", DEVICE_HOURS]
     logged = [r for r in run.history if "train/loss" in r]
