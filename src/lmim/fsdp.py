@@ -110,6 +110,7 @@ def shard_model(
         param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
     )
     root = MixedPrecisionPolicy(reduce_dtype=reduce_dtype, cast_forward_inputs=False)
+    name = type(net).__name__  # fully_shard renames the class FSDP<name>
     for m in units:
         fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=blocks)
     fully_shard(net, mesh=mesh, mp_policy=root)
@@ -117,7 +118,7 @@ def shard_model(
     # about any view an FSDP module returns.
     warnings.filterwarnings(
         "ignore",
-        message=rf"FSDP2-wrapped module \(FSDP{re.escape(type(net).__name__)}\) returned a view",
+        message=rf"FSDP2-wrapped module \(FSDP{re.escape(name)}\) returned a view",
     )
     return units
 
@@ -165,8 +166,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         # Runs when the Trainer is built, before any process is launched: check settings here.
         precision = getattr(self.precision_plugin, "precision", None)
         if self.param_dtype not in (None, torch.float32) and precision != "bf16-mixed":
+            name = str(self.param_dtype).removeprefix("torch.")
             raise ConfigError(
-                f"trainer.strategy.param_dtype={self.param_dtype} needs "
+                f"trainer.strategy.param_dtype={name} needs "
                 f"trainer.precision=bf16-mixed (got {precision}): autocast runs the norms in "
                 "float32 next to the low-precision block weights; set "
                 "trainer.strategy.param_dtype=null for float32 training"
