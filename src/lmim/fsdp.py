@@ -83,9 +83,11 @@ def shard_model(
         net: the pre-training model (``LocalMIMModule.net``).
         mesh: 1-D device mesh of the data-parallel processes.
         wrap: module classes that each become a shard unit.
-        param_dtype: dtype the blocks' weights are gathered and computed in (None: as stored,
-            float32). Inputs are not cast, so under bf16 autocast the residual stream, the norms,
-            the targets and the loss stay float32, as under DDP; the root's weights stay float32.
+        param_dtype: dtype the blocks' weights are gathered and computed in, their inputs cast
+            to it (the residual stream inside the blocks then runs in it too). None: the weights
+            as stored (float32), so that under bf16 autocast the arithmetic is that of DDP (bf16
+            matmuls, float32 residual stream and norms). The root's weights, the targets and the
+            loss stay float32 in any case.
         reduce_dtype: dtype of the gradient reduce-scatter (None: the gradients' dtype).
         reshard_after_forward: free gathered block weights after the forward (ZeRO-3); False
             keeps them until the backward (ZeRO-2: more memory, one all-gather less).
@@ -107,7 +109,9 @@ def shard_model(
             f"[{', '.join(DEFAULT_WRAP)}])"
         )
     blocks = MixedPrecisionPolicy(
-        param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False
+        param_dtype=param_dtype,
+        reduce_dtype=reduce_dtype,
+        cast_forward_inputs=param_dtype is not None,
     )
     root = MixedPrecisionPolicy(reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     name = type(net).__name__  # fully_shard renames the class FSDP<name>
@@ -132,8 +136,11 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     Args:
         wrap: classes (dotted names) of the modules that each become a shard unit.
-        param_dtype: dtype the blocks' weights are gathered in (``bfloat16`` halves the
-            all-gather traffic); needs ``trainer.precision=bf16-mixed``. null: float32.
+        param_dtype: dtype the blocks' weights are gathered and computed in, with their inputs
+            (``bfloat16`` halves the all-gather traffic, but the residual stream inside the
+            blocks is then bf16 too, unlike DDP's autocast); needs
+            ``trainer.precision=bf16-mixed`` for the rest of the model. null: float32 weights,
+            the arithmetic of DDP under the same precision.
         reduce_dtype: dtype of the gradient reduce-scatter (null: the gradients' dtype).
         reshard_after_forward: free gathered block weights after the forward (ZeRO-3).
         save_distributed_checkpoint: checkpoints as folders of shards (true), or one file
@@ -169,8 +176,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             name = str(self.param_dtype).removeprefix("torch.")
             raise ConfigError(
                 f"trainer.strategy.param_dtype={name} needs "
-                f"trainer.precision=bf16-mixed (got {precision}): autocast runs the norms in "
-                "float32 next to the low-precision block weights; set "
+                f"trainer.precision=bf16-mixed (got {precision}): autocast runs the layers "
+                "outside the blocks on their low-precision outputs; set "
                 "trainer.strategy.param_dtype=null for float32 training"
             )
         super()._configure_launcher()
