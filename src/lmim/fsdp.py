@@ -11,9 +11,8 @@ the weights and of the AdamW moments.
 Checkpoints are folders (``last.ckpt/``) of per-process shards written by
 ``torch.distributed.checkpoint`` plus ``meta.pt`` (loops, data position, schedulers, lmim's
 seeds and RNG states). They are written into a temporary folder next to the target and swapped
-in whole (:func:`lmim.resume.replace_path`), like single-file checkpoints. Resuming reads either a
-folder or a single-file checkpoint (e.g. one written under DDP); ``python -m lmim.export`` reads
-both.
+in whole (:func:`lmim.resume.replace_path`), like single-file checkpoints. A re-run resumes from
+the folder (Lightning's loader), and ``python -m lmim.export`` reads it in one process.
 
 Why not Lightning's ``FSDPStrategy``: it wraps with the older FSDP1 and refuses CPU accelerators
 ("The strategy fsdp requires a GPU accelerator"), so it could not be run, and so not tested, on
@@ -24,7 +23,6 @@ with NCCL.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import warnings
@@ -41,7 +39,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 from lmim.errors import ConfigError
-from lmim.resume import _fsync_dir, replace_path, temp_path_for
+from lmim.resume import fsync_tree, replace_path, temp_path_for
 
 log = logging.getLogger("lmim")
 
@@ -207,7 +205,10 @@ class FSDP2Strategy(ModelParallelStrategy):
             reduce_dtype=self.reduce_dtype,
             reshard_after_forward=self.reshard_after_forward,
         )
-        log.info("FSDP: %d shard units + the root over %d processes", len(units), self.world_size)
+        if self.global_rank == 0:
+            log.info(
+                "FSDP: %d shard units + the root over %d processes", len(units), self.world_size
+            )
         return units
 
     def save_checkpoint(
@@ -227,21 +228,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         try:
             super().save_checkpoint(checkpoint, tmp)  # every rank its shard, rank 0 meta.pt
             if self.global_rank == 0:
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
                 replace_path(tmp, path)
         except BaseException:
             if self.global_rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush every file of ``folder`` and the folder itself to disk."""
-    for p in folder.iterdir():
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    _fsync_dir(folder)

@@ -56,6 +56,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for p in Path(folder).iterdir():
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    _fsync_dir(Path(folder))
+
+
 def _rename_exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
 
