@@ -68,18 +68,19 @@ def dense_reference(enc: MaskedSwin, x: torch.Tensor, mask: torch.Tensor) -> lis
     """Slow reference on the full grid: timm's own windows, shifts, region masks and relative
     positions, with masked tokens excluded as keys through the attention mask. Returns every
     stage output (after merging) as a (B, H, W, C) grid."""
+    twin = timm_twin(enc)  # timm's blocks: their region masks of shifted windows
     h = enc.patch_embed(x)
     B, H, W, _ = h.shape
     gh, gw = enc.mask_grid
     outs = []
-    for i, layer in enumerate(enc.layers):
+    for i, (layer, timm_layer) in enumerate(zip(enc.layers, twin.layers, strict=True)):
         if i:
             h = layer.downsample(h)
             outs.append(h)
         B, H, W, C = h.shape
         visible = (~mask).float().reshape(B, 1, gh, gw)
         visible = F.interpolate(visible, size=(H, W), mode="nearest")[:, 0, :, :, None]
-        for blk in layer.blocks:
+        for blk, timm_blk in zip(layer.blocks, timm_layer.blocks, strict=True):
             ws, sh = blk.window_size, blk.shift_size
             a = blk.attn
             y = torch.roll(blk.norm1(h), (-sh[0], -sh[1]), dims=(1, 2))
@@ -90,8 +91,8 @@ def dense_reference(enc: MaskedSwin, x: torch.Tensor, mask: torch.Tensor) -> lis
             qkv = a.qkv(yw).reshape(yw.shape[0], -1, 3, a.num_heads, C // a.num_heads)
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
             logits = (q * a.scale) @ k.transpose(-2, -1) + a._get_rel_pos_bias()
-            if blk.attn_mask is not None:  # timm's region mask of shifted windows
-                logits = logits + blk.attn_mask.repeat(B, 1, 1).unsqueeze(1)
+            if timm_blk.attn_mask is not None:  # timm's region mask of shifted windows
+                logits = logits + timm_blk.attn_mask.repeat(B, 1, 1).unsqueeze(1)
             logits = logits.masked_fill(vw == 0, -1e4)  # masked tokens are no keys
             o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(yw.shape[0], -1, C)
             o = window_reverse(a.proj(o).reshape(-1, *ws, C), ws, H, W)

@@ -271,15 +271,3 @@ def test_ddp_two_cpu_processes(tmp_path):
     # 32 samples / (8 per batch x 2 ranks) = 2 steps per epoch, 2 epochs
     assert float(rows[-1]["perf/images_seen"]) == 4 * 16
     assert max(float(r["lr"]) for r in rows) == pytest.approx(1e-3 * 16 / 256, rel=1e-3)
-
-
-def test_fsdp_strategy_builds(make_cfg):
-    """trainer=fsdp instantiates Lightning's FSDPStrategy wrapping timm Blocks."""
-    from hydra.utils import instantiate
-    from lightning.pytorch.strategies import FSDPStrategy
-    from timm.models.vision_transformer import Block
-
-    cfg = make_cfg(["trainer=fsdp"])
-    strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes

@@ -2,6 +2,8 @@
 
     python -m lmim.export outputs/.../checkpoints/last.ckpt --out vit_b_localmim.pth
 
+(``last.ckpt`` is a file, or a folder of shards under ``trainer=fsdp``; both are read.)
+
 then ``timm.create_model("vit_base_patch16_224", num_classes=0).load_state_dict(torch.load(...))``
 loads it with ``strict=True``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import timm
@@ -68,8 +71,11 @@ def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
 
 
 def load_pretrainer(checkpoint: str | Path) -> nn.Module:
-    """Rebuild the pre-training model of a Lightning checkpoint written by ``lmim.train``."""
+    """Rebuild the pre-training model of a Lightning checkpoint written by ``lmim.train``: a
+    single file, or a folder of shards (``trainer=fsdp``), read without a process group."""
     path = Path(checkpoint)
+    if path.is_dir():
+        return _load_sharded_pretrainer(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
@@ -81,13 +87,56 @@ def load_pretrainer(checkpoint: str | Path) -> nn.Module:
     return net
 
 
+def _load_sharded_pretrainer(path: Path) -> nn.Module:
+    """The model of a ``torch.distributed.checkpoint`` folder (``state_dict.net.*`` entries plus
+    ``meta.pt``), its shards assembled into full tensors; the optimizer state is not read."""
+    import torch.distributed.checkpoint as dcp
+
+    from lmim.resume import META_FILE
+
+    try:
+        meta = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+        saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    except Exception as err:
+        raise ConfigError(
+            f"{path} is not a complete sharded checkpoint ({type(err).__name__}: {err}): pass "
+            "another checkpoint (e.g. an epoch_XXXX.ckpt next to it)"
+        ) from err
+    if "lmim_config" not in meta:
+        raise ConfigError(f"{path} was not written by lmim.train (no 'lmim_config' entry)")
+    net = instantiate(OmegaConf.create(meta["lmim_config"]["model"]))
+    state = net.state_dict()
+    prefix = "state_dict.net."
+    missing = sorted(k for k in state if prefix + k not in saved)
+    unexpected = sorted(k[len(prefix) :] for k in saved if k.startswith(prefix))
+    unexpected = [k for k in unexpected if k not in state]
+    if missing or unexpected:
+        raise ConfigError(
+            f"{path} does not match the model of its config (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}): it was written by another version of lmim"
+        )
+    # Loaded in place into the model's own tensors, in this process alone (no process group,
+    # which dcp would otherwise warn about).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(
+            {"state_dict": {f"net.{k}": v for k, v in state.items()}},
+            checkpoint_id=path,
+            no_dist=True,
+        )
+    net.load_state_dict(state, strict=True)
+    return net
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m lmim.export",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="Lightning checkpoint written by lmim.train")
+    parser.add_argument(
+        "checkpoint", help="Lightning checkpoint written by lmim.train (a file or a shard folder)"
+    )
     parser.add_argument("--out", help="output .pth (default: <checkpoint>_timm.pth)")
     parser.add_argument("--no-verify", action="store_true", help="skip the strict timm load")
     args = parser.parse_args(argv)

@@ -48,6 +48,12 @@ def param_groups(net: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (FSDP2 DTensor) tensor; other tensors as they are."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> dict:
     """Lightning's optimizer config with timm's per-update schedule: linear warm-up from 0 over
     ``warmup_steps`` (capped below ``total_steps``), then a half cosine to ``min_lr``. Modules
@@ -133,6 +139,23 @@ class LocalMIMModule(L.LightningModule):
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
         return self.net(images, mask)
 
+    def configure_model(self) -> None:
+        """Under :class:`lmim.fsdp.FSDP2Strategy` (``trainer=fsdp``): shard ``net``, every
+        transformer block a unit plus the root. Lightning calls this on every process before
+        building the optimizer, whose parameter groups then hold the shards."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from lmim.fsdp import FSDP2Strategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.net)
+        elif isinstance(strategy, ModelParallelStrategy):
+            raise ConfigError(
+                f"trainer.strategy={type(strategy).__name__}: lmim shards its models with "
+                "lmim.fsdp.FSDP2Strategy; use trainer=fsdp (or trainer=fsdp_cpu)"
+            )
+
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer
         return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
@@ -191,10 +214,17 @@ class LocalMIMModule(L.LightningModule):
         if self._step_losses is None:  # no training_step of ours ran (e.g. manual calls)
             return
         world, _ = self._world()
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [
+            _local(p.grad)
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        ]
         losses = self._step_losses / self._micro_batches
         grad_norm = torch.nn.utils.get_total_norm(grads) if grads else losses.new_zeros(())
         self._step_losses, self._micro_batches = None, 0
+        # Under FSDP each process holds its shard of the gradients: summing the flags over the
+        # processes (below) tells whether any shard is not finite.
         flags = torch.stack([~torch.isfinite(losses[0]), ~torch.isfinite(grad_norm.float())])
         stats = torch.cat([losses, flags.to(losses)])
         if world > 1:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmim.callbacks import ResumeCheckpoint
 from lmim.errors import ConfigError, TrainingStoppedError
 from lmim.module import LocalMIMModule
-from lmim.resume import resume_checkpoint
+from lmim.resume import checkpoint_exists, load_checkpoint_meta, resume_checkpoint
 from lmim.utils import (
     build_callbacks,
     build_loggers,
@@ -119,7 +119,7 @@ def read_checkpoint(path: str, config: dict | None = None, explicit: bool = Fals
         ConfigError: the checkpoint cannot be read.
     """
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        ckpt = load_checkpoint_meta(path)  # a file, or a folder of shards (FSDP)
         step = int(ckpt.get("global_step", 0))
     except Exception as err:
         what = f"ckpt_path={path} is" if explicit else f"cannot resume from {path},"
@@ -195,7 +195,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         exit_code = 0
     except TrainingStoppedError as err:
-        err.checkpoint = str(last) if last.is_file() else None
+        err.checkpoint = str(last) if checkpoint_exists(last) else None
         raise
     finally:
         finish_wandb(exit_code)

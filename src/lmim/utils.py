@@ -1,4 +1,4 @@
-"""Small helpers used by the entry points: config location, loggers, W&B mode, strategies."""
+"""Small helpers used by the entry points: config location, loggers, W&B mode."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.errors import ConfigError
@@ -99,13 +99,6 @@ def build_callbacks(cfg: DictConfig | None) -> list:
         for node in cfg.values()
         if isinstance(node, DictConfig) and "_target_" in node
     ]
-
-
-def fsdp_strategy(wrap: list[str], **kwargs):
-    """Lightning's FSDPStrategy wrapping every module of the named classes (e.g. timm Blocks)."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
-    return FSDPStrategy(auto_wrap_policy={get_class(c) for c in wrap}, **kwargs)
 
 
 def finish_wandb(exit_code: int = 0) -> None:

@@ -3,11 +3,12 @@
 from lmim.models.decoders import SwinLocalDecoder, ViTLocalDecoder
 from lmim.models.localmim import LocalMIM, LocalMIMOutput
 from lmim.models.masking import mask_indices, random_mask
-from lmim.models.swin import MaskedSwin
+from lmim.models.swin import MaskedSwin, MaskedSwinBlock
 from lmim.models.vit import MaskedViT
 
 __all__ = [
     "MaskedSwin",
+    "MaskedSwinBlock",
     "SwinLocalDecoder",
     "LocalMIM",
     "LocalMIMOutput",

@@ -31,7 +31,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
 from lmim.errors import ConfigError
@@ -173,13 +173,67 @@ def grouped_attention(
     return o.gather(2, idx)
 
 
+class MaskedSwinBlock(nn.Module):
+    """One Swin block on the visible tokens of a stage: timm's ``SwinTransformerBlock``, with
+    its windowed attention restricted to visible tokens.
+
+    It adopts the modules of a timm block under timm's names (``norm1``, ``attn``,
+    ``drop_path1``, ``norm2``, ``mlp``, ``drop_path2``), so the weights load into timm. It is a
+    module of its own so that the block runs through ``__call__``: FSDP shards every block as a
+    unit and gathers its weights in a forward hook, which a caller reaching into a block's
+    submodules would bypass.
+
+    Args:
+        block: the timm block whose modules, window size and shift this block takes over.
+    """
+
+    def __init__(self, block: SwinTransformerBlock) -> None:
+        super().__init__()
+        self.window_size: tuple[int, int] = tuple(block.window_size)
+        self.shift_size: tuple[int, int] = tuple(block.shift_size)
+        self.norm1 = block.norm1
+        self.attn = block.attn
+        self.drop_path1 = block.drop_path1
+        self.norm2 = block.norm2
+        self.mlp = block.mlp
+        self.drop_path2 = block.drop_path2
+
+    def forward(self, x: torch.Tensor, plan: tuple[str, tuple]) -> torch.Tensor:
+        """Pre-norm windowed attention and MLP, each with a residual.
+
+        Args:
+            x: (B, V, C) visible tokens of a stage.
+            plan: ``("grouped", window_groups(...))`` or ``("dense", window_index(...))`` for
+                this block's window size and shift, batch B or 1 (shared mask).
+
+        Returns:
+            (B, V, C).
+        """
+        B, V, _ = x.shape
+        attn = self.attn
+        kind, plan = plan
+        qkv = attn.qkv(self.norm1(x)).reshape(B, V, 3, attn.num_heads, -1)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, V, head_dim)
+        drop = attn.attn_drop.p if self.training else 0.0
+        table = attn.relative_position_bias_table
+        if kind == "grouped":
+            o = grouped_attention(q, k, v, plan, table, drop)
+        else:
+            bias = window_bias(*plan, table).to(q.dtype)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, V, -1)))
+        x = x + self.drop_path1(o)
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
 class MaskedSwin(nn.Module):
     """Swin encoder that encodes only visible mask units and returns the stage outputs.
 
     Parameter names are timm's ``SwinTransformer`` (``patch_embed``, ``layers.<i>.downsample``,
     ``layers.<i>.blocks``), built by timm itself, so the weights load into it (see
-    :func:`lmim.export.encoder_state_dict`). There is no final norm: each tapped stage has its
-    own LayerNorm in the pre-training model.
+    :func:`lmim.export.encoder_state_dict`); each timm block is taken over by a
+    :class:`MaskedSwinBlock`. There is no final norm: each tapped stage has its own LayerNorm in
+    the pre-training model.
 
     Tap ``k`` is the output of stage ``k + 1`` of the paper: after the patch merging that follows
     it for all but the last stage (i.e. after timm's ``layers[k + 1].downsample``), and the last
@@ -254,6 +308,9 @@ class MaskedSwin(nn.Module):
         )
         self.patch_embed = swin.patch_embed
         self.layers = swin.layers
+        for layer in self.layers:  # same modules and names, masked forward (MaskedSwinBlock)
+            for j, blk in enumerate(layer.blocks):
+                layer.blocks[j] = MaskedSwinBlock(blk)
         # LocalMIM init: Linear xavier-uniform, LayerNorm (1, 0); relative-position tables keep
         # timm's trunc-normal(0.02).
         self.apply(init_linear_and_norm)
@@ -289,16 +346,16 @@ class MaskedSwin(nn.Module):
 
         ``side`` is the tokens per mask-unit side at this stage. Attention is dense over the
         visible tokens with a window bias, or, when that is cheaper, computed inside the
-        occupied windows packed to the window area.
+        occupied windows packed to the window area. The plans depend on the coordinates only
+        and are shared by the blocks of a stage with the same shift.
         """
-        B, V, _ = x.shape
+        V = x.shape[1]
         units = V // (side * side)
         grid = (self.mask_grid[0] * side, self.mask_grid[1] * side)
         plans: dict[tuple, tuple] = {}
         for blk in blocks:
-            attn = blk.attn
             key = (blk.window_size, blk.shift_size)
-            if key not in plans:  # shared by the blocks of a stage with the same shift
+            if key not in plans:
                 (wh, ww), shift = key
                 # a run of `side` tokens meets at most ceil((side - 1) / ws) + 1 windows
                 per_unit = (-(-(side - 1) // wh) + 1) * (-(-(side - 1) // ww) + 1)
@@ -308,19 +365,7 @@ class MaskedSwin(nn.Module):
                     plans[key] = ("grouped", window_groups(coords, grid, key[0], shift, G))
                 else:
                     plans[key] = ("dense", window_index(coords, key[0], shift))
-            kind, plan = plans[key]
-            qkv = attn.qkv(blk.norm1(x)).reshape(B, V, 3, attn.num_heads, -1)
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, V, head_dim)
-            drop = attn.attn_drop.p if self.training else 0.0
-            table = attn.relative_position_bias_table
-            if kind == "grouped":
-                o = grouped_attention(q, k, v, plan, table, drop)
-            else:
-                bias = window_bias(*plan, table).to(q.dtype)
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
-            o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(B, V, -1)))
-            x = x + blk.drop_path1(o)
-            x = x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+            x = blk(x, plans[key])  # through __call__: FSDP gathers the block's weights
         return x
 
     def forward(
