@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.errors import ConfigError
@@ -101,9 +104,8 @@ def wandb_run_id(cfg: DictConfig | None, output_dir: str | Path, resuming: bool)
         recorded = path.read_text().strip()
         if recorded:
             return recorded
-    from wandb.util import generate_id
-
-    run_id = generate_id()
+    # W&B's own id alphabet and length.
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(run_id + "\n")
@@ -131,7 +133,7 @@ def build_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
             mode = os.environ.get("WANDB_MODE", "").lower()
             if mode in ("offline", "disabled", "dryrun") or not wandb_has_key():
                 kwargs["offline"] = True
-                if mode != "disabled":
+                if mode != "disabled" and rank_zero_only.rank == 0:
                     log.warning(
                         "W&B: no API key found, logging offline to %s/wandb; upload later with "
                         "`wandb sync %s/wandb/offline-run-*` (or run `wandb login` first)",
