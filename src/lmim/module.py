@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -130,7 +130,28 @@ class LocalMIMModule(L.LightningModule):
         self._rng_to_restore: list[dict] | None = None
         self._mask_generators: dict[str, torch.Generator] = {}
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        taps: Sequence[int] | None = None,
+    ):
+        """The pre-training forward, or with ``taps`` the encoder's features of whole images.
+
+        Evaluation callbacks call this through the strategy's wrapped model
+        (``trainer.strategy.model``), so that DDP and FSDP see the forward (FSDP gathers its
+        sharded parameters there).
+
+        Args:
+            images: (B, 3, H, W) normalised images.
+            mask: (B, L) patch mask for the pre-training forward (None: drawn).
+            taps: encoder layers, increasing: return their outputs, nothing masked.
+
+        Returns:
+            The model's output, or one (B, [1 +] N, D) tensor per tap.
+        """
+        if taps is not None:
+            return self.net.encoder(images, None, list(taps))
         return self.net(images, mask)
 
     def _world(self) -> tuple[int, int]:

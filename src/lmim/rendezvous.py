@@ -27,11 +27,12 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmim.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported when a store is needed, not with the configs
+    from torch.distributed import TCPStore
 
 # How long a process waits for rank 0 (to start, or to decide): torch's process-group default.
 TIMEOUT = timedelta(minutes=30)
@@ -111,12 +112,12 @@ def is_rank_zero() -> bool:
 
 
 # Rank 0's servers stay up for the life of the process: the process group reuses them.
-_SERVERS: dict[int, torch.distributed.TCPStore] = {}
+_SERVERS: dict[int, TCPStore] = {}
 _CALLS: Counter[str] = Counter()
 
 
-def _store(endpoint: Endpoint) -> torch.distributed.TCPStore:
-    TCPStore = torch.distributed.TCPStore
+def _store(endpoint: Endpoint) -> TCPStore:
+    from torch.distributed import TCPStore
     if endpoint.rank_zero and not endpoint.agent_store:
         if endpoint.port not in _SERVERS:
             _SERVERS[endpoint.port] = TCPStore(

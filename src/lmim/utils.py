@@ -12,7 +12,6 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.errors import ConfigError
@@ -133,6 +132,8 @@ def build_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
             mode = os.environ.get("WANDB_MODE", "").lower()
             if mode in ("offline", "disabled", "dryrun") or not wandb_has_key():
                 kwargs["offline"] = True
+                from lightning.pytorch.utilities import rank_zero_only
+
                 if mode != "disabled" and rank_zero_only.rank == 0:
                     log.warning(
                         "W&B: no API key found, logging offline to %s/wandb; upload later with "
