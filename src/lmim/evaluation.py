@@ -11,7 +11,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
 
-
 # What runs the encoder: (images, sorted layer indices) -> one (B, [1 +] N, D) output per layer.
 EncoderForward = Callable[[torch.Tensor, list[int]], Sequence[torch.Tensor]]
 

@@ -118,6 +118,7 @@ _CALLS: Counter[str] = Counter()
 
 def _store(endpoint: Endpoint) -> TCPStore:
     from torch.distributed import TCPStore
+
     if endpoint.rank_zero and not endpoint.agent_store:
         if endpoint.port not in _SERVERS:
             _SERVERS[endpoint.port] = TCPStore(
