@@ -267,6 +267,146 @@ def test_killed_cluster_resumes_to_the_uninterrupted_weights(tmp_path, cluster_r
     assert wandb_runs(run) == [recorded, recorded]  # two launches, one W&B run
 
 
+# -- a signal to one node ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])
+def test_signal_to_one_node_stops_every_rank_at_one_step(tmp_path, signame):
+    """SIGTERM (preemption) or SIGUSR1 (time limit) to node 1's processes only: the 4 ranks
+    agree at the next step boundary, last.ckpt is saved once, at that step, every process exits
+    with 128 + the signal, and after SIGUSR1 rank 0 requeues the Slurm job."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol.args\n')
+    scontrol.chmod(0o755)
+    path = f"{fake_bin}{os.pathsep}{os.environ['PATH']}"
+    args = [*PER_PROCESS, "trainer.max_epochs=3"]  # 12 steps
+    nodes = start_nodes(args, tmp_path, "run", slurm_job="5151", PATH=path)
+    last = tmp_path / "outputs" / "pretrain" / "runs" / "slurm-5151" / "checkpoints" / "last.ckpt"
+    wait_for(last, nodes.procs[0])
+    signum = int(getattr(signal, signame))
+    nodes.kill(signum, ranks=[2, 3])
+    assert nodes.wait() == [128 + signum] * 4, nodes.output()
+    step = load(last)["global_step"]
+    assert 3 <= step < 12
+    out = "".join(nodes.texts())
+    assert out.count(" received: saved ") == 1
+    assert f"lmim: stopped: {signame} received: saved {last} at step {step}" in out
+    requeued = tmp_path / "scontrol.args"
+    if signame == "SIGUSR1":
+        assert requeued.read_text().split() == ["requeue", "5151"]  # once, by rank 0
+    else:
+        assert not requeued.exists()
+
+
+# -- torchrun ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_write_one_run_equal_to_one_process(tmp_path, one_process):
+    """Two torchrun invocations as two nodes (c10d rendezvous on 127.0.0.1, 2 processes each,
+    started 3 s apart, no --rdzv-id): one run folder named by rank 0's start time, agreed
+    through torchrun's store, one W&B run, and the losses of one process."""
+    port = free_port()
+    procs, logs = [], []
+    for node in range(NODES):
+        if node:
+            time.sleep(3)
+        logs.append(tmp_path / f"node{node}.log")
+        with open(logs[-1], "w") as out:
+            procs.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "torch.distributed.run",
+                        f"--nnodes={NODES}",
+                        f"--nproc-per-node={PER_NODE}",
+                        "--rdzv-backend=c10d",
+                        f"--rdzv-endpoint=127.0.0.1:{port}",
+                        "--module",
+                        "lmim.train",
+                        *PER_PROCESS,
+                        f"trainer.num_nodes={NODES}",
+                        f"trainer.devices={PER_NODE}",
+                    ],
+                    cwd=tmp_path,
+                    env=cli_env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+    nodes = Cluster(procs, logs)
+    assert nodes.wait() == [0, 0], nodes.output()
+    (run,) = run_folders(tmp_path)
+    assert len(run.name) == len("2026-01-01_00-00-00")
+    assert wandb_runs(run) == [(run / "wandb_run_id").read_text().strip()]
+    ours = loss_rows(run / "csv" / "metrics.csv")
+    assert ours == pytest.approx(loss_rows(one_process / "csv" / "metrics.csv"), abs=1e-6)
+    assert load(run / "checkpoints" / "last.ckpt")["global_step"] == 8
+
+
+# -- Swin: a mask per process batch ---------------------------------------------------------------
+
+SWIN = [
+    "model=swin_test",
+    "data=demo",
+    "data.images=[astronaut,coffee]",
+    "data.img_size=128",
+    "data.num_workers=0",
+    "data.samples_per_epoch=16",
+    "logger=csv",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "trainer.max_steps=3",
+    "trainer.max_epochs=-1",
+    "optim.warmup_steps=1",
+    "optim.blr=1e-2",
+    "~callbacks.reconstruction",
+    "+callbacks.masks._target_=tests.hooks.RecordMasks",
+    "+callbacks.masks.dirpath=${paths.output_dir}/masks",
+]
+
+
+@pytest.mark.slow
+def test_swin_masks_one_per_process_batch(tmp_path):
+    """Swin with share_mask: 2 processes with batch 2 train with one mask each, different on
+    each rank; one process with batch 4 and model.mask_group_size=2 draws the same two masks
+    for the same samples (global row i takes mask i mod 2) and logs the same losses."""
+    one = cli(
+        *SWIN,
+        "trainer=cpu",
+        "data.batch_size=4",
+        "model.mask_group_size=2",
+        f"hydra.run.dir={tmp_path}/one",
+        cwd=tmp_path,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(
+        *SWIN,
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "data.batch_size=2",
+        f"hydra.run.dir={tmp_path}/two",
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    whole = torch.load(tmp_path / "one" / "masks" / "masks_rank0.pt")
+    ranks = [torch.load(tmp_path / "two" / "masks" / f"masks_rank{r}.pt") for r in (0, 1)]
+    assert sorted(whole) == sorted(ranks[0]) == sorted(ranks[1]) == [0, 1, 2]
+    for step, rows in whole.items():
+        r0, r1 = ranks[0][step], ranks[1][step]
+        assert (r0 == r0[0]).all() and (r1 == r1[0]).all()  # one mask per process
+        assert not torch.equal(r0[0], r1[0])  # a different one on each rank
+        assert torch.equal(rows[0::2], r0) and torch.equal(rows[1::2], r1)
+    a = loss_rows(tmp_path / "one" / "csv" / "metrics.csv")
+    b = loss_rows(tmp_path / "two" / "csv" / "metrics.csv")
+    assert sorted(a) == [0, 1, 2] and a == pytest.approx(b, abs=1e-6)
+
+
 # -- unit checks -------------------------------------------------------------------------------
 
 

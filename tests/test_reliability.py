@@ -244,6 +244,31 @@ def test_resume_warns_about_changed_settings(make_cfg, tmp_path, caplog, one_thr
     assert (ckpt["lmim_seed"], ckpt["DemoDataModule"]["seed"]) == seeds
 
 
+def test_resumed_run_continues_its_wandb_run(make_cfg, tmp_path, one_thread):
+    """The run folder records its W&B run's id (wandb_run_id); resuming the folder logs to that
+    run again (real offline W&B: both launches' transaction logs name the same run), so one
+    training across interruptions is one W&B run; a new folder starts a new one."""
+    from lmim.wandb_file import read_wandb_file
+
+    first = [*SMALL, "logger=wandb", "data.samples_per_epoch=8", "trainer.max_epochs=1"]
+    train(make_cfg(first))
+    run = tmp_path / "run"
+    recorded = (run / "wandb_run_id").read_text().strip()
+    time.sleep(1.1)  # W&B names offline folders by the second
+    train(make_cfg([*first[:-1], "trainer.max_epochs=2"]))
+    logs = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2
+    assert [read_wandb_file(f).run_id for f in logs] == [recorded, recorded]
+    assert (run / "wandb_run_id").read_text().strip() == recorded
+    steps = [
+        [h["trainer/global_step"] for h in read_wandb_file(f).history if "train/loss" in h]
+        for f in logs
+    ]
+    assert steps == [[0, 1], [2, 3]]  # the second launch continued from step 2
+    train(make_cfg(first, tmp_path / "other"))
+    assert (tmp_path / "other" / "wandb_run_id").read_text().strip() != recorded
+
+
 def test_existing_checkpoint_is_never_overwritten(make_cfg, tmp_path):
     """resume=false, or another ckpt_path, in a folder holding last.ckpt stops before training
     with the keys that fix it."""
