@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # The loggers come after the start is known (the W&B run to continue).
     trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=False)
     check_batches(trainer, datamodule)
-    decide = lambda: decide_start(cfg, last, module.config)  # noqa: E731
+    decide = partial(decide_start, cfg, last, module.config)
     start = share("start", decide, trainer_endpoint(trainer))
     ckpt_path = start["ckpt_path"]
     trainer.loggers = build_loggers(cfg.get("logger"), wandb_id=start["wandb_id"])

@@ -104,12 +104,12 @@ def wandb_run_id(cfg: DictConfig | None, output_dir: str | Path, resuming: bool)
         if recorded:
             return recorded
     # W&B's own id alphabet and length.
-    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(run_id + "\n")
+    tmp.write_text(new_id + "\n")
     tmp.replace(path)
-    return run_id
+    return new_id
 
 
 def build_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
