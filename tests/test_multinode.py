@@ -305,11 +305,14 @@ def test_signal_to_one_node_stops_every_rank_at_one_step(tmp_path, signame):
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_write_one_run_equal_to_one_process(tmp_path, one_process):
-    """Two torchrun invocations as two nodes (c10d rendezvous on 127.0.0.1, 2 processes each,
-    started 3 s apart, no --rdzv-id): one run folder named by rank 0's start time, agreed
-    through torchrun's store, one W&B run, and the losses of one process."""
+@pytest.mark.parametrize("rdzv_id", [None, "vitb-7"])
+def test_torchrun_two_nodes_write_one_run_equal_to_one_process(tmp_path, one_process, rdzv_id):
+    """Two ``torchrun`` invocations as two nodes (c10d rendezvous on 127.0.0.1, 2 processes
+    each, started 3 s apart), as in the README: one run folder, named by ``--rdzv-id`` or else by
+    rank 0's start time (agreed through torchrun's store), one W&B run, and the losses of one
+    process."""
     port = free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
     procs, logs = [], []
     for node in range(NODES):
         if node:
@@ -319,14 +322,13 @@ def test_torchrun_two_nodes_write_one_run_equal_to_one_process(tmp_path, one_pro
             procs.append(
                 subprocess.Popen(
                     [
-                        sys.executable,
-                        "-m",
-                        "torch.distributed.run",
+                        str(torchrun),
                         f"--nnodes={NODES}",
                         f"--nproc-per-node={PER_NODE}",
                         "--rdzv-backend=c10d",
                         f"--rdzv-endpoint=127.0.0.1:{port}",
-                        "--module",
+                        *([f"--rdzv-id={rdzv_id}"] if rdzv_id else []),
+                        "-m",
                         "lmim.train",
                         *PER_PROCESS,
                         f"trainer.num_nodes={NODES}",
@@ -341,7 +343,7 @@ def test_torchrun_two_nodes_write_one_run_equal_to_one_process(tmp_path, one_pro
     nodes = Cluster(procs, logs)
     assert nodes.wait() == [0, 0], nodes.output()
     (run,) = run_folders(tmp_path)
-    assert len(run.name) == len("2026-01-01_00-00-00")
+    assert run.name == rdzv_id if rdzv_id else len(run.name) == len("2026-01-01_00-00-00")
     assert wandb_runs(run) == [(run / "wandb_run_id").read_text().strip()]
     ours = loss_rows(run / "csv" / "metrics.csv")
     assert ours == pytest.approx(loss_rows(one_process / "csv" / "metrics.csv"), abs=1e-6)
@@ -438,6 +440,20 @@ def test_run_id_from_the_launcher(monkeypatch):
     assert run_id_from_env() == "slurm-80_3"
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")
     assert run_id_from_env() == "job_7"
+
+
+def test_mask_group_size_that_does_not_divide_the_batch_is_refused(make_cfg, tmp_path):
+    """A shared-mask group size that does not divide the global batch stops before the first
+    step with one line naming the key."""
+    from lmim.errors import ConfigError
+    from lmim.train import train
+    from tests.runs import SMALL
+
+    small = [o for o in SMALL if not o.startswith("model")]
+    cfg = make_cfg([*small, "model=swin_test", "data.img_size=64", "model.mask_group_size=3"])
+    with pytest.raises(ConfigError, match=r"model\.mask_group_size=3 does not divide .* of 4"):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_decoder_weight_gradients_keep_the_weights_layout():
