@@ -147,8 +147,8 @@ def share(
         name: what is decided (part of the store key).
         decide: computes the value (JSON-serialisable) on rank 0.
         endpoint: where the processes meet; None runs ``decide`` here.
-        per_attempt: a new decision after a torchrun restart; False keeps the first one (the
-            run folder of a restarted torchrun job).
+        per_attempt: a new decision after a torchrun restart; False keeps a decision still in
+            torchrun's store from an earlier attempt (the run folder).
     """
     if endpoint is None:
         return decide()
@@ -165,7 +165,7 @@ def share(
         except BaseException as err:
             store.set(key, json.dumps({"failed": f"{type(err).__name__}: {err}"}))
             raise
-        # compare_set: a decision already there (a restarted torchrun worker) stands.
+        # compare_set: a decision already in the store (an earlier torchrun attempt) stands.
         answer = json.loads(store.compare_set(key, "", json.dumps(answer)))
     else:
         answer = json.loads(store.get(key))
