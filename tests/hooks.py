@@ -98,3 +98,26 @@ class RecordMasks(L.Callback):
         path = Path(self.dirpath) / f"masks_rank{trainer.global_rank}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(self.masks, path)
+
+
+class ShiftDeviceClock(L.Callback):
+    """Puts one process's :class:`lmim.callbacks.PerfMonitor` clock ``hours`` ahead (through
+    its checkpoint state, as a resumed run's earlier device-hours): a process whose clock
+    disagrees with rank 0's.
+
+    Args:
+        rank: the global rank whose clock moves.
+        hours: device-hours added.
+    """
+
+    def __init__(self, rank: int, hours: float) -> None:
+        self.rank = rank
+        self.hours = hours
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lmim.callbacks import PerfMonitor
+
+        if trainer.global_rank == self.rank:
+            perf = next(c for c in trainer.callbacks if isinstance(c, PerfMonitor))
+            state = perf.state_dict()
+            perf.load_state_dict({**state, "device_hours": state["device_hours"] + self.hours})

@@ -20,6 +20,7 @@ import torch
 from lmim.evaluation import shard_indices, unshard
 from lmim.rendezvous import run_id_from_env
 from tests.runs import (
+    SMALL,
     cli,
     cli_env,
     load,
@@ -267,6 +268,36 @@ def test_killed_cluster_resumes_to_the_uninterrupted_weights(tmp_path, cluster_r
     assert wandb_runs(run) == [recorded, recorded]  # two launches, one W&B run
 
 
+# -- budget points on rank 0's clock -----------------------------------------------------------
+
+
+def test_budget_points_follow_rank_zero_clock(tmp_path):
+    """2 DDP processes whose device clocks disagree (rank 1's is an hour ahead, past the
+    30-minute point from its first step): rank 0's clock decides for both, so neither saves
+    nor stops early and the run ends normally (with per-rank clocks rank 1 alone would enter
+    the checkpoint's barrier: a deadlock)."""
+    args = [o for o in SMALL if not o.startswith(("trainer=", "data.batch_size"))]
+    proc = cli(
+        *args,
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "data.batch_size=2",
+        "data.samples_per_epoch=16",
+        "trainer.max_epochs=1",
+        "+callbacks.budget._target_=lmim.callbacks.BudgetCheckpoints",
+        "+callbacks.budget.dirpath=${paths.output_dir}/checkpoints",
+        "+callbacks.budget.minutes=[30,100000]",
+        "+callbacks.skew._target_=tests.hooks.ShiftDeviceClock",
+        "+callbacks.skew.rank=1",
+        "+callbacks.skew.hours=1.0",
+        f"hydra.run.dir={tmp_path}/run",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = json.loads((tmp_path / "run" / "checkpoints" / "points.json").read_text())
+    assert [(p["name"], p["step"]) for p in points] == [("start", 0), ("end", 4)]
+
+
 # -- a signal to one node ----------------------------------------------------------------------
 
 
@@ -447,7 +478,6 @@ def test_mask_group_size_that_does_not_divide_the_batch_is_refused(make_cfg, tmp
     step with one line naming the key."""
     from lmim.errors import ConfigError
     from lmim.train import train
-    from tests.runs import SMALL
 
     small = [o for o in SMALL if not o.startswith("model")]
     cfg = make_cfg([*small, "model=swin_test", "data.img_size=64", "model.mask_group_size=3"])
