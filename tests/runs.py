@@ -117,3 +117,17 @@ def max_weight_difference(a: Path, b: Path) -> float:
         for k, v in sa["state_dict"].items()
         if v.is_floating_point()
     )
+
+
+def finished_wandb_file(path: Path, timeout: float = 120):
+    """A W&B transaction log, read once its run's exit record is there (W&B's writer process
+    may still be flushing the file when ``wandb.finish`` returns)."""
+    from lmim.wandb_file import read_wandb_file
+
+    end = time.monotonic() + timeout
+    while True:
+        run = read_wandb_file(path)
+        if run.exit_code is not None:
+            return run
+        assert time.monotonic() < end, f"{path}: no exit record after {timeout} s"
+        time.sleep(0.2)

@@ -28,6 +28,7 @@ from tests.runs import (
     assert_same_weights,
     cli,
     cli_env,
+    finished_wandb_file,
     load,
     loss_rows,
     start_cli,
@@ -248,8 +249,6 @@ def test_resumed_run_continues_its_wandb_run(make_cfg, tmp_path, one_thread):
     """The run folder records its W&B run's id (wandb_run_id); resuming the folder logs to that
     run again (real offline W&B: both launches' transaction logs name the same run), so one
     training across interruptions is one W&B run; a new folder starts a new one."""
-    from lmim.wandb_file import read_wandb_file
-
     first = [*SMALL, "logger=wandb", "data.samples_per_epoch=8", "trainer.max_epochs=1"]
     train(make_cfg(first))
     run = tmp_path / "run"
@@ -258,12 +257,10 @@ def test_resumed_run_continues_its_wandb_run(make_cfg, tmp_path, one_thread):
     train(make_cfg([*first[:-1], "trainer.max_epochs=2"]))
     logs = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(logs) == 2
-    assert [read_wandb_file(f).run_id for f in logs] == [recorded, recorded]
+    runs = [finished_wandb_file(f) for f in logs]
+    assert [r.run_id for r in runs] == [recorded, recorded]
     assert (run / "wandb_run_id").read_text().strip() == recorded
-    steps = [
-        [h["trainer/global_step"] for h in read_wandb_file(f).history if "train/loss" in h]
-        for f in logs
-    ]
+    steps = [[h["trainer/global_step"] for h in r.history if "train/loss" in h] for r in runs]
     assert steps == [[0, 1], [2, 3]]  # the second launch continued from step 2
     train(make_cfg(first, tmp_path / "other"))
     assert (tmp_path / "other" / "wandb_run_id").read_text().strip() != recorded
