@@ -33,7 +33,7 @@ from tests.runs import (
 # Fashion-MNIST images, 2 per process: 4 processes x 2 = a global batch of 8, 4 steps per epoch,
 # 2 epochs; last.ckpt every 3 steps (mid-epoch). The default callbacks (last.ckpt, perf, bad data,
 # reconstruction picture), the k-NN monitor (42 references, 18 queries: neither a multiple of 4
-# processes) and budget checkpoints, CSV and W&B (offline) logging.
+# processes) and budget checkpoints (with one process's clock off), CSV and W&B (offline) logging.
 CLUSTER = [
     "model=vit_test",
     "model.decoder_dim=64",
@@ -58,8 +58,12 @@ CLUSTER = [
     "callbacks.last_checkpoint.every_n_train_steps=3",
     "+callbacks.budget._target_=lmim.callbacks.BudgetCheckpoints",
     "+callbacks.budget.dirpath=${paths.output_dir}/checkpoints",
-    "+callbacks.budget.minutes=[0.0001,100000]",
+    "+callbacks.budget.minutes=[0.0001,30,100000]",
     "+callbacks.budget.stop_at_last=false",
+    # Rank 3's device clock an hour ahead: past the 30-minute point from its first step.
+    "+callbacks.skew._target_=tests.hooks.ShiftDeviceClock",
+    "+callbacks.skew.rank=3",
+    "+callbacks.skew.hours=1.0",
 ]
 NODES, PER_NODE = 2, 2
 PER_PROCESS = [*CLUSTER, "trainer=ddp_cpu", "data.batch_size=2"]
@@ -199,7 +203,11 @@ def test_two_nodes_write_one_run_equal_to_one_process(cluster_run, one_process):
     folder (named by rank 0's start time) with one .hydra, one W&B run (its id recorded in the
     folder), last.ckpt, the reconstruction picture, the k-NN accuracy and the budget
     checkpoints; the logged losses and the k-NN accuracy equal one process's with the same
-    global batch, and DDP does not warn about gradient layouts."""
+    global batch, and DDP does not warn about gradient layouts.
+
+    Budget points follow rank 0's clock: rank 3's, an hour ahead, does not save the 30-minute
+    point (with per-process clocks rank 3 alone would enter the checkpoint's barrier, and the
+    run would deadlock)."""
     tmp, nodes = cluster_run
     (run,) = run_folders(tmp)
     assert len(run.name) == len("2026-01-01_00-00-00") and run.name[4] == "-"
@@ -266,36 +274,6 @@ def test_killed_cluster_resumes_to_the_uninterrupted_weights(tmp_path, cluster_r
     assert max_weight_difference(last, uninterrupted) < 0.02 * moved
     recorded = (run / "wandb_run_id").read_text().strip()
     assert wandb_runs(run) == [recorded, recorded]  # two launches, one W&B run
-
-
-# -- budget points on rank 0's clock -----------------------------------------------------------
-
-
-def test_budget_points_follow_rank_zero_clock(tmp_path):
-    """2 DDP processes whose device clocks disagree (rank 1's is an hour ahead, past the
-    30-minute point from its first step): rank 0's clock decides for both, so neither saves
-    nor stops early and the run ends normally (with per-rank clocks rank 1 alone would enter
-    the checkpoint's barrier: a deadlock)."""
-    args = [o for o in SMALL if not o.startswith(("trainer=", "data.batch_size"))]
-    proc = cli(
-        *args,
-        "trainer=ddp_cpu",
-        "trainer.devices=2",
-        "data.batch_size=2",
-        "data.samples_per_epoch=16",
-        "trainer.max_epochs=1",
-        "+callbacks.budget._target_=lmim.callbacks.BudgetCheckpoints",
-        "+callbacks.budget.dirpath=${paths.output_dir}/checkpoints",
-        "+callbacks.budget.minutes=[30,100000]",
-        "+callbacks.skew._target_=tests.hooks.ShiftDeviceClock",
-        "+callbacks.skew.rank=1",
-        "+callbacks.skew.hours=1.0",
-        f"hydra.run.dir={tmp_path}/run",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    points = json.loads((tmp_path / "run" / "checkpoints" / "points.json").read_text())
-    assert [(p["name"], p["step"]) for p in points] == [("start", 0), ("end", 4)]
 
 
 # -- a signal to one node ----------------------------------------------------------------------
