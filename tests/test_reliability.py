@@ -3,7 +3,6 @@ config mistakes caught before training. Real CLI runs, real Trainer, real files.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 import signal
@@ -23,38 +22,18 @@ from lmim.errors import BadDataError, ConfigError, NonFiniteError
 from lmim.resume import AtomicCheckpointIO, remove_stale_temp_files
 from lmim.train import train
 from tests.hooks import WeightChanges
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# A run small enough for a loaded 2-core machine: the 8-block test ViT with a narrow decoder at
-# 32 px on two embedded photos, one thread per process (OpenMP threads fighting over shared
-# cores make CPU steps 10-50x slower).
-SMALL = [
-    "model=vit_test",
-    "model.decoder_dim=64",
-    "model.decoder_heads=2",
-    "data=demo",
-    "data.images=[astronaut,coffee]",
-    "data.img_size=32",
-    "data.batch_size=4",
-    "data.num_workers=0",
-    "trainer=cpu",
-    "logger=csv",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.reconstruction",
-    "optim.warmup_steps=2",
-    "optim.blr=1e-2",
-]
-# 24 samples / 4 = 6 steps per epoch, 2 epochs; last.ckpt every 4 steps (mid-epoch 0 and 1).
-RESUMABLE = [
-    *SMALL,
-    "data.samples_per_epoch=24",
-    "trainer.max_epochs=2",
-    "trainer.deterministic=true",
-    "callbacks.last_checkpoint.every_n_train_steps=4",
-]
+from tests.runs import (
+    RESUMABLE,
+    SMALL,
+    assert_same_weights,
+    cli,
+    cli_env,
+    finished_wandb_file,
+    load,
+    loss_rows,
+    start_cli,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -64,68 +43,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {
-        **os.environ,
-        "PYTHONPATH": path,
-        "WANDB_MODE": "offline",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
-
-
-def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmim.train", *args],
-        cwd=cwd,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def start_cli(*args: str, cwd: Path, log: Path, **env: str) -> subprocess.Popen:
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "lmim.train", *args],
-            cwd=cwd,
-            env=cli_env(**env),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Until ``path`` exists; fails if the process ends first."""
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {path}"
-        assert time.monotonic() < end, f"no {path} after {timeout} s"
-        time.sleep(0.01)
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def loss_rows(metrics_csv: Path) -> dict[int, float]:
-    with open(metrics_csv) as f:
-        return {
-            int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]
-        }
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    sa, sb = load(a), load(b)
-    assert sa["global_step"] == sb["global_step"]
-    assert sa["state_dict"].keys() == sb["state_dict"].keys()
-    for k, v in sa["state_dict"].items():
-        assert torch.equal(v, sb["state_dict"][k]), k
 
 
 # -- 1. resume ---------------------------------------------------------------------------------
@@ -326,6 +243,27 @@ def test_resume_warns_about_changed_settings(make_cfg, tmp_path, caplog, one_thr
     assert "max_epochs" not in warned[0]
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert (ckpt["lmim_seed"], ckpt["DemoDataModule"]["seed"]) == seeds
+
+
+def test_resumed_run_continues_its_wandb_run(make_cfg, tmp_path, one_thread):
+    """The run folder records its W&B run's id (wandb_run_id); resuming the folder logs to that
+    run again (real offline W&B: both launches' transaction logs name the same run), so one
+    training across interruptions is one W&B run; a new folder starts a new one."""
+    first = [*SMALL, "logger=wandb", "data.samples_per_epoch=8", "trainer.max_epochs=1"]
+    train(make_cfg(first))
+    run = tmp_path / "run"
+    recorded = (run / "wandb_run_id").read_text().strip()
+    time.sleep(1.1)  # W&B names offline folders by the second
+    train(make_cfg([*first[:-1], "trainer.max_epochs=2"]))
+    logs = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(logs) == 2
+    runs = [finished_wandb_file(f) for f in logs]
+    assert [r.run_id for r in runs] == [recorded, recorded]
+    assert (run / "wandb_run_id").read_text().strip() == recorded
+    steps = [[h["trainer/global_step"] for h in r.history if "train/loss" in h] for r in runs]
+    assert steps == [[0, 1], [2, 3]]  # the second launch continued from step 2
+    train(make_cfg(first, tmp_path / "other"))
+    assert (tmp_path / "other" / "wandb_run_id").read_text().strip() != recorded
 
 
 def test_existing_checkpoint_is_never_overwritten(make_cfg, tmp_path):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy
+
+# What runs the encoder: (images, sorted layer indices) -> one (B, [1 +] N, D) output per layer.
+EncoderForward = Callable[[torch.Tensor, list[int]], Sequence[torch.Tensor]]
 
 
 @torch.no_grad()
@@ -18,6 +22,7 @@ def extract_layer_features(
     layers: Sequence[int] = (-1,),
     pool: str = "avg",
     device: torch.device | str | None = None,
+    forward: EncoderForward | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Features of a frozen encoder at several layers from one pass: nothing masked, eval mode.
 
@@ -27,6 +32,9 @@ def extract_layer_features(
         layers: encoder layers (ViT blocks or Swin stages); negative counts from the top.
         pool: "avg" (mean of the patch tokens) or "cls" (ViT cls token).
         device: where to run (default: the encoder's).
+        forward: runs the encoder on (images, layers); default ``encoder(images, None, layers)``.
+            Under DDP / FSDP pass the strategy's wrapped model (see
+            :meth:`lmim.module.LocalMIMModule.forward`), whose forward gathers sharded weights.
 
     Returns:
         One (N, D) float32 feature tensor per layer, and the (N,) long labels, in loader order.
@@ -38,12 +46,14 @@ def extract_layer_features(
         raise ValueError("pool='cls' needs an encoder with a cls token (a ViT)")
     taps = [layer % encoder.depth for layer in layers]
     device = device or next(encoder.parameters()).device
+    if forward is None:
+        forward = lambda images, taps: encoder(images, None, taps)  # noqa: E731
     was_training = encoder.training
     encoder.eval()
     feats: list[list[torch.Tensor]] = [[] for _ in taps]
     labels = []
     for images, y in loader:
-        outs = encoder(images.to(device), None, sorted(set(taps)))  # each (B, [1 +] N, D)
+        outs = forward(images.to(device), sorted(set(taps)))  # each (B, [1 +] N, D)
         by_layer = dict(zip(sorted(set(taps)), outs, strict=True))
         for i, tap in enumerate(taps):
             x = by_layer[tap]
@@ -60,14 +70,39 @@ def extract_features(
     layer: int = -1,
     pool: str = "avg",
     device: torch.device | str | None = None,
+    forward: EncoderForward | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of one layer of a frozen encoder (see :func:`extract_layer_features`).
 
     Returns:
         (N, D) float32 features and (N,) long labels, in loader order.
     """
-    feats, labels = extract_layer_features(encoder, loader, [layer], pool, device)
+    feats, labels = extract_layer_features(encoder, loader, [layer], pool, device, forward)
     return feats[0], labels
+
+
+def shard_indices(n: int, world: int, rank: int) -> list[int]:
+    """A process's share of ``n`` samples for a distributed extraction: ``rank, rank + world,
+    ...`` (``DistributedSampler`` without shuffling), padded by wrapping around so that every
+    process runs the same number of forwards (DDP and FSDP forwards are collectives).
+
+    Returns:
+        ``ceil(n / world)`` indices; :func:`unshard` drops the padding again.
+    """
+    return [(rank + world * j) % n for j in range(math.ceil(n / world))]
+
+
+def unshard(gathered: torch.Tensor, n: int) -> torch.Tensor:
+    """Undo :func:`shard_indices` on gathered results.
+
+    Args:
+        gathered: (world, ceil(n / world), ...) every process's results, by rank.
+        n: samples before sharding.
+
+    Returns:
+        (n, ...) in sample order, without the padding.
+    """
+    return gathered.transpose(0, 1).reshape(-1, *gathered.shape[2:])[:n]
 
 
 def knn_predict(

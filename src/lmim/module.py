@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
@@ -136,7 +136,28 @@ class LocalMIMModule(L.LightningModule):
         self._rng_to_restore: list[dict] | None = None
         self._mask_generators: dict[str, torch.Generator] = {}
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        taps: Sequence[int] | None = None,
+    ):
+        """The pre-training forward, or with ``taps`` the encoder's features of whole images.
+
+        Evaluation callbacks call this through the strategy's wrapped model
+        (``trainer.strategy.model``), so that DDP and FSDP see the forward (FSDP gathers its
+        sharded parameters there).
+
+        Args:
+            images: (B, 3, H, W) normalised images.
+            mask: (B, L) patch mask for the pre-training forward (None: drawn).
+            taps: encoder layers, increasing: return their outputs, nothing masked.
+
+        Returns:
+            The model's output, or one (B, [1 +] N, D) tensor per tap.
+        """
+        if taps is not None:
+            return self.net.encoder(images, None, list(taps))
         return self.net(images, mask)
 
     def configure_model(self) -> None:
@@ -169,6 +190,34 @@ class LocalMIMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._run_seed()  # on every process, so a drawn seed is shared
+        if getattr(self.net, "share_mask", False):
+            self.mask_groups(1)  # a group size that cannot work stops before training
+
+    def mask_groups(self, batch: int) -> int:
+        """Masks drawn per micro-batch by a shared-mask model (``share_mask``): one per
+        ``mask_group_size`` samples of the global batch (default: one per process batch).
+
+        Counted on the DataModule's ``batch_size`` when there is one, so that a short last
+        batch keeps the layout of the others.
+
+        Args:
+            batch: images in this process's batch.
+
+        Raises:
+            ConfigError: the global batch does not split into such groups.
+        """
+        world, _ = self._world()
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        batch = int(getattr(dm, "batch_size", None) or batch)
+        total = batch * world
+        group = getattr(self.net, "mask_group_size", None) or batch
+        if total % group:
+            raise ConfigError(
+                f"model.mask_group_size={group} does not divide the global batch of {total} "
+                f"(data.batch_size={batch} x {world} process(es)): use a divisor, e.g. "
+                f"model.mask_group_size={batch} (one mask per process batch)"
+            )
+        return total // group
 
     def step_mask(self, batch: int, batch_idx: int, device: torch.device) -> torch.Tensor:
         """This process's rows of the global batch's mask.
@@ -181,7 +230,13 @@ class LocalMIMModule(L.LightningModule):
 
         Returns:
             (batch, L) bool mask, True = masked: rows ``rank::world`` of the mask of the
-            ``batch x world`` global batch drawn with seed (seed, step, micro-batch).
+            ``batch x world`` global batch drawn with seed (seed, step, micro-batch). With a
+            shared-mask model that mask is :meth:`mask_groups` G masks, global row i taking mask
+            ``i mod G``: with the ``DistributedSampler`` interleaving (rank r holds global rows
+            r, r + world, ...) and the default group (a process batch), G = world and rank r's
+            rows all take mask r, one mask per process as in the released code; one process
+            with batch N x B and ``mask_group_size=B`` draws the same N masks for the same
+            samples.
         """
         world, rank = self._world()
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
@@ -190,13 +245,21 @@ class LocalMIMModule(L.LightningModule):
         if key not in self._mask_generators:
             self._mask_generators[key] = torch.Generator(device=device)
         generator = self._mask_generators[key].manual_seed(seed)
-        full = self.net.random_mask(batch * world, device=device, generator=generator)
+        if getattr(self.net, "share_mask", False):
+            groups = self.mask_groups(batch)
+            full = self.net.random_mask(batch * world, device, generator, groups=groups)
+        else:
+            full = self.net.random_mask(batch * world, device=device, generator=generator)
         return full[rank::world]
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         mask = self.step_mask(images.shape[0], batch_idx, images.device)
-        out = self.net(images, mask, from_random_mask=True)
+        kwargs = {}
+        if getattr(self.net, "share_mask", False):
+            # This process's rows take one mask when the G groups cycle within the world.
+            kwargs["shared_rows"] = self._world()[0] % self.mask_groups(images.shape[0]) == 0
+        out = self.net(images, mask, from_random_mask=True, **kwargs)
         self._tap_names = list(out.losses)
         losses = torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())])
         losses = losses.float()

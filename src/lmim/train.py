@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from lmim.callbacks import ResumeCheckpoint
 from lmim.errors import ConfigError, TrainingStoppedError
 from lmim.module import LocalMIMModule
+from lmim.rendezvous import share, trainer_endpoint
 from lmim.resume import checkpoint_exists, load_checkpoint_meta, resume_checkpoint
 from lmim.utils import (
     build_callbacks,
@@ -32,6 +34,7 @@ from lmim.utils import (
     finish_wandb,
     instantiate_checked,
     to_container,
+    wandb_run_id,
 )
 
 log = logging.getLogger("lmim")
@@ -157,10 +160,28 @@ def keep_csv_metrics(loggers: list) -> None:
                 old.rename(old.parent / f"metrics.part{k}.csv")
 
 
+def decide_start(cfg: DictConfig, last: Path, config: dict | None) -> dict[str, Any]:
+    """What a run starts from; :func:`train` decides it on global rank 0 and shares it with every
+    process before the process group exists (they may see the file system at different moments).
+
+    Returns:
+        ``ckpt_path`` (None: from scratch), ``step`` (its global step) and ``wandb_id`` (the W&B
+        run to log to: the run folder's when resuming from its ``last.ckpt``, else a new one).
+    """
+    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), bool(cfg.get("resume", True)), last)
+    step = None
+    if ckpt_path is not None:
+        step = read_checkpoint(ckpt_path, config, explicit=bool(cfg.get("ckpt_path")))
+    resuming = ckpt_path is not None and Path(ckpt_path).resolve() == last.resolve()
+    wandb_id = wandb_run_id(cfg.get("logger"), cfg.paths.output_dir, resuming)
+    return {"ckpt_path": ckpt_path, "step": step, "wandb_id": wandb_id}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one pre-training job from a composed config; returns paths and final metrics.
 
-    Resumes from ``<output_dir>/checkpoints/last.ckpt`` when it exists and ``resume`` is on.
+    Resumes from ``<output_dir>/checkpoints/last.ckpt`` when it exists and ``resume`` is on
+    (decided on rank 0 for all processes), logging to the same W&B run as before.
 
     Raises:
         ConfigError: a setting cannot work (before training).
@@ -178,15 +199,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if keeper is not None
         else Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
     )
-    ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), bool(cfg.get("resume", True)), last)
-    loggers = build_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate_checked(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
-    )
+    # The loggers come after the start is known (the W&B run to continue).
+    trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=False)
     check_batches(trainer, datamodule)
+    decide = partial(decide_start, cfg, last, module.config)
+    start = share("start", decide, trainer_endpoint(trainer))
+    ckpt_path = start["ckpt_path"]
+    trainer.loggers = build_loggers(cfg.get("logger"), wandb_id=start["wandb_id"])
     if ckpt_path is not None:
-        step = read_checkpoint(ckpt_path, module.config, explicit=bool(cfg.get("ckpt_path")))
-        log.info("resuming from %s (step %d)", ckpt_path, step)
+        log.info("resuming from %s (step %d)", ckpt_path, start["step"])
         keep_csv_metrics(trainer.loggers)
     exit_code = 1
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.errors import ConfigError
+from lmim.rendezvous import on_rank_zero, run_id
 
 log = logging.getLogger("lmim")
 
@@ -24,6 +27,10 @@ def _budget_label(max_epochs: int, max_steps: int) -> str:
 
 # Used by conf/train.yaml's labels.budget.
 OmegaConf.register_new_resolver("lmim.budget", _budget_label, replace=True)
+# Used by conf/hydra/default.yaml: the run folder's name, one for all processes (cached per
+# config, so a sweep's jobs share their master's), and .hydra written by rank 0 only.
+OmegaConf.register_new_resolver("lmim.run_id", run_id, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("lmim.on_rank_zero", on_rank_zero, replace=True)
 
 
 def config_dir() -> Path:
@@ -64,8 +71,54 @@ def wandb_has_key() -> bool:
         return False
 
 
-def build_loggers(cfg: DictConfig | None) -> list:
-    """Instantiate the ``logger`` group; W&B goes offline (one line says so) without an API key."""
+# In the run folder: the id of its W&B run, which a resumed run continues.
+WANDB_ID_FILE = "wandb_run_id"
+
+
+def _wandb_node(cfg: DictConfig | None) -> DictConfig | None:
+    for node in (cfg or {}).values():
+        if isinstance(node, DictConfig) and str(node.get("_target_", "")).endswith("WandbLogger"):
+            return node
+    return None
+
+
+def wandb_run_id(cfg: DictConfig | None, output_dir: str | Path, resuming: bool) -> str | None:
+    """The W&B run a run logs to (called on global rank 0): the one recorded in
+    ``<output_dir>/wandb_run_id`` when resuming from that folder, else a new id, recorded there.
+
+    Args:
+        cfg: the ``logger`` group.
+        output_dir: the run folder.
+        resuming: the run continues the folder's ``last.ckpt``.
+
+    Returns:
+        The id, or None without a W&B logger or when the config names the run
+        (``logger.wandb.id`` / ``version``: that wins).
+    """
+    node = _wandb_node(cfg)
+    if node is None or node.get("id") or node.get("version"):
+        return None
+    path = Path(output_dir) / WANDB_ID_FILE
+    if resuming and path.is_file():
+        recorded = path.read_text().strip()
+        if recorded:
+            return recorded
+    # W&B's own id alphabet and length.
+    new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(new_id + "\n")
+    tmp.replace(path)
+    return new_id
+
+
+def build_loggers(cfg: DictConfig | None, wandb_id: str | None = None) -> list:
+    """Instantiate the ``logger`` group; W&B goes offline (one line says so) without an API key.
+
+    Args:
+        cfg: the ``logger`` group.
+        wandb_id: the W&B run to log to (resumed when it exists), from :func:`wandb_run_id`.
+    """
     if not cfg:
         return []
     loggers = []
@@ -74,10 +127,14 @@ def build_loggers(cfg: DictConfig | None) -> list:
             continue
         kwargs: dict[str, Any] = {}
         if node._target_.endswith("WandbLogger"):
+            if wandb_id:
+                kwargs["id"] = wandb_id  # WandbLogger resumes it ("allow")
             mode = os.environ.get("WANDB_MODE", "").lower()
             if mode in ("offline", "disabled", "dryrun") or not wandb_has_key():
                 kwargs["offline"] = True
-                if mode != "disabled":
+                from lightning.pytorch.utilities import rank_zero_only
+
+                if mode != "disabled" and rank_zero_only.rank == 0:
                     log.warning(
                         "W&B: no API key found, logging offline to %s/wandb; upload later with "
                         "`wandb sync %s/wandb/offline-run-*` (or run `wandb login` first)",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from lmim.callbacks.perf import PerfMonitor
 from lmim.errors import ConfigError
@@ -18,7 +19,8 @@ class BudgetCheckpoints(L.Callback):
     the last one.
 
     Device time is :class:`PerfMonitor`'s ``perf/device_hours`` (wall-clock since setup x
-    devices) when that callback is present, else this callback's own clock from setup. Files:
+    devices) when that callback is present, else this callback's own clock from setup; under
+    several processes rank 0's clock decides, so all save and stop at the same step. Files:
     ``<dirpath>/budget_start.ckpt`` (the initialisation, before the first step), one
     ``budget_<m>min.ckpt`` per point reached, ``budget_end.ckpt`` (the weights training ended
     with: the last point, or ``max_steps`` if that came first), and ``points.json`` listing each
@@ -76,11 +78,22 @@ class BudgetCheckpoints(L.Callback):
         if trainer.global_step == 0:
             self._save(trainer, "start", 0.0)
 
+    def _reached(self, trainer: L.Trainer, device: torch.device, minutes: float) -> bool:
+        """Rank 0's clock decides for every process (a collective under several processes):
+        each one's own clock could reach the point at another step, and saving or stopping on
+        some processes only would deadlock."""
+        reached = self._hours() * 60.0 >= minutes
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flag = torch.tensor([reached], dtype=torch.uint8, device=device)
+            torch.distributed.broadcast(flag, src=0)
+            return bool(flag.item())
+        return reached
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self._next >= len(self.minutes):
             return
         minutes = self.minutes[self._next]
-        if self._hours() * 60.0 < minutes:
+        if not self._reached(trainer, pl_module.device, minutes):
             return
         self._save(trainer, f"{minutes:g}min", minutes)
         self._next += 1

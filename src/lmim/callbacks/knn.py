@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import DataLoader
+import torch
+from torch.utils.data import DataLoader, Subset
 
-from lmim.evaluation import extract_features, knn_accuracy
+from lmim.evaluation import (
+    EncoderForward,
+    extract_features,
+    knn_accuracy,
+    shard_indices,
+    unshard,
+)
 
 
 class KNNMonitor(L.Callback):
@@ -13,7 +20,10 @@ class KNNMonitor(L.Callback):
 
     Features of the encoder (nothing masked, eval mode, ``layer`` average-pooled) are computed
     for a labelled subset of the training split and for the test split; each test image takes
-    the temperature-weighted vote of its ``k`` nearest training images. Logged as
+    the temperature-weighted vote of its ``k`` nearest training images. Under several processes
+    each extracts its share of both sets through the strategy's model (so DDP and FSDP models
+    work), the features are gathered and every process scores the same k-NN: the result equals
+    one process's. Logged as
     ``val/knn_top1`` (next to ``perf/device_hours``). Needs a DataModule with
     ``eval_dataset(split, limit)`` and ``num_classes`` (e.g. ``data=fashion_mnist``).
 
@@ -60,13 +70,9 @@ class KNNMonitor(L.Callback):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "eval_dataset"):
             return None
-        encoder = pl_module.net.encoder
-
-        def loader(split, limit):
-            return DataLoader(dm.eval_dataset(split, limit), batch_size=self.batch_size)
-
-        train = extract_features(encoder, loader("train", self.train_limit), self.layer)
-        test = extract_features(encoder, loader("test", self.test_limit), self.layer)
+        train = self._features(trainer, pl_module, dm.eval_dataset("train", self.train_limit))
+        test = self._features(trainer, pl_module, dm.eval_dataset("test", self.test_limit))
+        # The same gathered features on every process: the same score, no broadcast needed.
         acc = knn_accuracy(
             *train, *test, num_classes=dm.num_classes, k=self.k, temperature=self.temperature
         )
@@ -77,3 +83,29 @@ class KNNMonitor(L.Callback):
             for lg in trainer.loggers:
                 lg.log_metrics({"val/knn_top1": acc}, step=trainer.global_step)
         return acc
+
+    def _features(self, trainer, pl_module, dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) features and (N,) labels of ``dataset``: each process extracts its share
+        (:func:`lmim.evaluation.shard_indices`), then every process gathers all of them."""
+        world, rank = trainer.world_size, trainer.global_rank
+        n = len(dataset)
+        if world > 1:
+            dataset = Subset(dataset, shard_indices(n, world, rank))
+        loader = DataLoader(dataset, batch_size=self.batch_size)
+        feats, labels = extract_features(
+            pl_module.net.encoder, loader, self.layer, forward=encoder_forward(trainer)
+        )
+        if world == 1:
+            return feats, labels
+        device = pl_module.device  # where the backend's collectives run (GPU under NCCL)
+        feats = unshard(pl_module.all_gather(feats.to(device)), n).cpu()
+        labels = unshard(pl_module.all_gather(labels.to(device)), n).cpu()
+        return feats, labels
+
+
+def encoder_forward(trainer) -> EncoderForward:
+    """The encoder's forward through the strategy's wrapped model (DDP, FSDP: parameters of a
+    sharded model are gathered by its own forward): :meth:`LocalMIMModule.forward` with
+    ``taps``. Every process must make the same calls."""
+    model = trainer.strategy.model
+    return lambda images, taps: model(images, None, taps)

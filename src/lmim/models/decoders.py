@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -130,11 +131,26 @@ class ViTLocalDecoder(nn.Module):
         patches = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)
         patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(B, -1, x.shape[-1]))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # (B, 1 + L, dim)
-        x = self.norm(self.blocks(x))
-        h, w = self.grid_size
-        x = x[:, 1:].transpose(1, 2).reshape(B, -1, h, w)  # (B, dim, h, w)
-        x = self.proj(self.rescale(x))  # (B, out_dim, h * s, w * s)
-        return x.flatten(2).transpose(1, 2)
+        x = self.norm(self.blocks(x))[:, 1:]  # (B, L, dim)
+        if not isinstance(self.rescale, nn.Identity):
+            h, w = self.grid_size
+            x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, dim, h, w)
+            x = _rescale(self.rescale, x).flatten(2).transpose(1, 2)  # (B, h * s * w * s, C)
+        # The 1x1 conv is a linear map of each cell's channels: applied to the cells directly,
+        # its weight gradient keeps the weight's layout (a conv on the transposed map returns
+        # a channels-last one, which DDP's gradient buckets must copy, with a warning).
+        return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+
+
+def _rescale(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A rescale head on a (B, C, h, w) map, each transposed conv fed a contiguous input, so that
+    its weight gradient has the weight's own (contiguous) layout on every backend, as DDP's
+    gradient buckets expect (cuDNN follows the input's layout, channels-last here)."""
+    for layer in head if isinstance(head, nn.Sequential) else [head]:
+        if isinstance(layer, nn.ConvTranspose2d):
+            x = x.contiguous()
+        x = layer(x)
+    return x
 
 
 class SwinLocalDecoder(nn.Module):

@@ -84,8 +84,11 @@ class LocalMIM(nn.Module):
         decoder_depth: decoder transformer blocks.
         mask_ratio: share of mask units hidden from the encoder.
         isolate_gradients: detach the encoder sequence after each tap (paper section 8).
-        share_mask: one random mask for the whole batch (the released Swin code) instead of one
-            per sample; cheaper for pyramid encoders, whose attention bias is then shared.
+        share_mask: one random mask for a group of samples (the released Swin code: one per
+            process batch) instead of one per sample; cheaper for pyramid encoders, whose
+            attention bias is then shared.
+        mask_group_size: with ``share_mask``, samples of the global batch sharing one mask per
+            step (None: a process's batch); see :meth:`lmim.module.LocalMIMModule.step_mask`.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class LocalMIM(nn.Module):
         mask_ratio: float = 0.75,
         isolate_gradients: bool = False,
         share_mask: bool = False,
+        mask_group_size: int | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -120,6 +124,12 @@ class LocalMIM(nn.Module):
         self.mask_ratio = check_mask_ratio(mask_ratio)
         self.isolate_gradients = bool(isolate_gradients)
         self.share_mask = bool(share_mask)
+        if mask_group_size is not None and int(mask_group_size) < 1:
+            raise ConfigError(
+                f"model.mask_group_size={mask_group_size} must be >= 1 (samples sharing one mask "
+                "with model.share_mask), e.g. model.mask_group_size=${data.batch_size}"
+            )
+        self.mask_group_size = None if mask_group_size is None else int(mask_group_size)
         grid = tuple(encoder.mask_grid)
         self.grids = [scaled_grid(grid, s) for s in self.scales]
         self.cell_sizes = [encoder.mask_unit / s for s in self.scales]
@@ -162,12 +172,16 @@ class LocalMIM(nn.Module):
         batch: int,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
+        groups: int = 1,
     ) -> torch.Tensor:
         """(B, L) bool random mask at the configured ratio, True = masked, raster order; one per
-        sample, or one repeated for the batch with ``share_mask``."""
+        sample, or with ``share_mask`` ``groups`` masks, row i taking mask ``i mod groups`` (one
+        for the whole batch by default)."""
         if self.share_mask:
-            m = random_mask(1, self.num_patches, self.mask_ratio, device, generator)
-            return m.expand(batch, -1)
+            m = random_mask(groups, self.num_patches, self.mask_ratio, device, generator)
+            if groups == 1:
+                return m.expand(batch, -1)
+            return m.repeat(-(-batch // groups), 1)[:batch]
         return random_mask(batch, self.num_patches, self.mask_ratio, device, generator)
 
     def forward(
@@ -175,6 +189,7 @@ class LocalMIM(nn.Module):
         images: torch.Tensor,
         mask: torch.Tensor | None = None,
         from_random_mask: bool = False,
+        shared_rows: bool | None = None,
     ) -> LocalMIMOutput:
         """One pre-training forward.
 
@@ -187,6 +202,9 @@ class LocalMIM(nn.Module):
                 global batch's mask, as the LightningModule draws it): the row counts are known,
                 so they are not checked (no GPU sync), and with ``share_mask`` the rows are
                 equal, so indices (and a pyramid's attention bias) are computed once.
+            shared_rows: with ``from_random_mask`` and ``share_mask``: whether every row is the
+                same mask (default True); False for rows of several groups' masks, which take
+                the per-sample path.
 
         Returns:
             :class:`LocalMIMOutput` with the total loss, per-tap losses, predictions, targets,
@@ -198,7 +216,7 @@ class LocalMIM(nn.Module):
             if mask is None:
                 mask = self.random_mask(images.shape[0], images.device)
             num_keep = num_visible(self.num_patches, self.mask_ratio)
-            shared = self.share_mask
+            shared = self.share_mask and shared_rows is not False
         if mask.shape != (images.shape[0], self.num_patches):
             raise ConfigError(
                 f"mask has shape {tuple(mask.shape)}, expected (batch, patches) = "
