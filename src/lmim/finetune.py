@@ -190,6 +190,15 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     model, report = build_classifier(
         cfg.checkpoint, cfg.init_model, cfg.data.img_size, dm.num_classes, f.drop_path_rate
     )
+    if cfg.checkpoint:
+        log.info(
+            "encoder weights loaded from %s; new: %s; dropped: %s",
+            cfg.checkpoint,
+            ", ".join(sorted(report["missing"])) or "none",
+            ", ".join(sorted(report["unexpected"])) or "none",
+        )
+    else:
+        log.info("init_model=%s: training from randomly initialised weights", cfg.init_model)
     size = cfg.data.img_size
     common = dict(input_size=size, interpolation="bicubic", mean=tuple(dm.mean), std=tuple(dm.std))
     train_tf = create_transform(
