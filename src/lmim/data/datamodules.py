@@ -280,12 +280,14 @@ class ImageFolderDataModule(_PretrainDataModule):
         root: dataset root holding ``split`` (and ``val_split`` for evaluation).
         split: sub-folder read for pre-training and as the labelled training split (``train``).
         val_split: sub-folder of the labelled validation split (``val``).
-        **kwargs: loader and augmentation settings of the base class.
+        **kwargs: loader and augmentation settings of the base class (``eval_crop_pct``
+            defaults to 0.875 here).
     """
 
     def __init__(
         self, root: str | None = None, split: str = "train", val_split: str = "val", **kwargs
     ) -> None:
+        kwargs.setdefault("eval_crop_pct", 0.875)  # the paper's view: resize 256, crop 224
         super().__init__(**kwargs)
         self.root = root
         self.split = split

@@ -174,6 +174,8 @@ class LabelledImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         n = len(self.source)
+        if not 0 <= int(index) < n:  # ends plain iteration (replacements wrap around)
+            raise IndexError(f"index {index} out of range for {n} images")
         for attempt in range(min(MAX_CONSECUTIVE_BAD, n)):
             try:
                 img, label = self.source.load((int(index) + attempt) % n)
