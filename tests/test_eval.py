@@ -367,3 +367,12 @@ def test_readme_export_prints_a_line_that_loads_strict(evaluations):
     ckpt = torch.load(pretrained / "checkpoints" / "last.ckpt", weights_only=True)
     proj = ckpt["state_dict"]["net.encoder.patch_embed.proj.weight"]
     assert proj.shape == (192, 3, 4, 4) and torch.equal(exported["patch_embed.proj.weight"], proj)
+
+
+def test_readme_export_line_is_what_export_prints_for_vit_b():
+    """The README's load line for model=vit_b is the exporter's, word for word."""
+    from lmim.export import load_hint
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    net = lmim.create_pretrainer("vit_b")
+    assert load_hint(net.encoder, "vit_b_localmim.pth") in readme
