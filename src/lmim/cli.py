@@ -193,7 +193,7 @@ def explain(err: BaseException, config_name: str) -> str:
     detail = one_line(text)
     if isinstance(cause, OmegaConfBaseException) and str(cause) not in text:
         detail += " " + one_line(str(cause))
-    return detail
+    return f"{detail} (HYDRA_FULL_ERROR=1 shows Hydra's report)"
 
 
 def _is_config_error(err: BaseException) -> bool:
