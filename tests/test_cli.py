@@ -156,9 +156,9 @@ TYPOS = {
 @pytest.fixture(scope="module")
 def commands(tmp_path_factory):
     """Starts every command line of this file at once (they are independent), in fresh
-    folders: mistyped keys and options, a ``+`` key the class does not take, Hydra's own
-    features, broken checkpoints, an ImageFolder without class folders, and a run that stops
-    while its progress bar is drawn."""
+    folders: mistyped keys and options (``model=vit_zz`` is in tests/test_reliability.py), a
+    ``+`` key the class does not take, Hydra's own features, broken checkpoints, an ImageFolder
+    without class folders, and a run that stops while its progress bar is drawn."""
     base = tmp_path_factory.mktemp("cli")
     cmds = Commands(base)
 
@@ -168,8 +168,6 @@ def commands(tmp_path_factory):
 
     for key, (module, args, _) in TYPOS.items():
         cmds.add(key, module, *args, f"hydra.run.dir={base / key}/run", cwd=folder(key))
-    cwd = folder("model")
-    cmds.add("model", "lmim.train", "model=vit_xx", f"hydra.run.dir={cwd}/run", cwd=cwd)
     cwd = folder("plus")
     tiny = ["model=vit_test", "logger=csv"]
     cmds.add(
@@ -235,16 +233,6 @@ def test_mistyped_key_or_option_is_one_line(commands, key):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert error_lines(proc) == [TYPOS[key][2]]
     assert not (base / key / "run").exists()
-
-
-def test_unknown_model_lists_every_model(commands):
-    """``model=vit_xx``: one line with a suggestion and every model option."""
-    proc = commands[0].result("model")
-    assert proc.returncode == 2
-    (line,) = error_lines(proc)
-    assert line.startswith("lmim: error: model=vit_xx is not an option of the 'model' group: ")
-    options = sorted(p.stem for p in (ROOT / "conf" / "model").glob("*.yaml"))
-    assert line.endswith(f"(options: {', '.join(options)})")
 
 
 def test_key_added_with_plus_that_the_class_does_not_take(commands):
