@@ -129,10 +129,68 @@ def test_empty_data_root(make_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "label"),
-    [([], "1600ep"), (["trainer.max_epochs=-1", "trainer.max_steps=500"], "500steps")],
+    [
+        ([], "1600ep"),
+        (["trainer.max_epochs=100"], "100ep"),
+        (["trainer.max_steps=10"], "10steps"),
+        (["trainer.max_epochs=-1", "trainer.max_steps=500"], "500steps"),
+        (["debug=fdr"], "fast_dev_run"),
+    ],
 )
 def test_budget_label(make_cfg, override, label):
-    """Runs are labelled with their budget: epochs, or steps for step-limited runs."""
+    """Runs are named and tagged by what bounds them: the epochs, a step limit when one is set
+    (trainer.max_steps=10 under the default 1600 epochs is a 10-step run), or fast_dev_run."""
     cfg = make_cfg(override)
     assert cfg.labels.budget == label
+    assert cfg.run_name == f"vit_b-localmim-hog-localmim-{label}"
     assert f"budget:{label}" in list(cfg.tags)
+
+
+PAPER_RUNS = ["vit_b_100ep", "vit_b_1600ep", "vit_l_800ep", "swin_b_400ep", "swin_l_800ep"]
+
+
+@pytest.mark.parametrize("experiment", PAPER_RUNS)
+def test_experiment_keeps_a_trainer_chosen_on_the_command_line(make_cfg, experiment):
+    """A paper experiment runs on its 8 GPUs (DDP); with trainer=cpu (or ddp_cpu, or
+    trainer.devices=N) the chosen trainer's devices win, and the recipe's global batch is
+    reached with trainer.accumulate_grad_batches."""
+    paper = make_cfg([f"experiment={experiment}"])
+    assert (paper.trainer.accelerator, paper.trainer.devices) == ("gpu", 8)
+    global_batch = paper.data.batch_size * paper.trainer.accumulate_grad_batches * 8
+    # (read each config before composing the next: devices resolve against the Hydra runtime)
+    cpu = make_cfg([f"experiment={experiment}", "trainer=cpu"])
+    assert (cpu.trainer.accelerator, cpu.trainer.devices, cpu.trainer.strategy) == (
+        "cpu",
+        1,
+        "auto",
+    )
+    assert cpu.trainer.max_epochs == paper.trainer.max_epochs  # the budget stays the recipe's
+    accumulate = global_batch // cpu.data.batch_size
+    assert make_cfg([f"experiment={experiment}", "trainer=ddp_cpu"]).trainer.devices == 2
+    assert make_cfg([f"experiment={experiment}", "trainer.devices=4"]).trainer.devices == 4
+    reached = make_cfg(
+        [f"experiment={experiment}", "trainer=cpu", f"trainer.accumulate_grad_batches={accumulate}"]
+    )
+    batch = reached.data.batch_size * reached.trainer.devices
+    assert batch * reached.trainer.accumulate_grad_batches == global_batch
+
+
+@pytest.mark.parametrize(
+    ("overrides", "cap", "devices"),
+    [
+        (["data=imagefolder", "trainer=cpu"], 8, 1),
+        (["data=imagefolder", "trainer=ddp_cpu"], 8, 2),
+        (["data=fashion_mnist", "trainer=cpu"], 2, 1),
+        (["experiment=vit_b_100ep"], 8, 8),
+    ],
+)
+def test_num_workers_fit_the_machine(make_cfg, overrides, cap, devices):
+    """data.num_workers defaults to min(cap, CPUs this process may use / devices per node - 1,
+    at least 1): no more workers than the machine has, e.g. 1 on a 2-core machine."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0))
+    cfg = make_cfg(overrides)
+    assert cfg.data.num_workers == min(cap, max(1, cpus // devices - 1))
+    assert 1 <= cfg.data.num_workers <= cpus
+    assert make_cfg([*overrides, "data.num_workers=3"]).data.num_workers == 3

@@ -206,8 +206,20 @@ def linear_probe_accuracy(
 # -- plumbing shared by the evaluation entry points (lmim.linprobe, lmim.finetune) -------------
 
 
+def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    """torchmetrics top-1 and, with at least 5 classes, top-5 accuracy (micro-averaged), keyed
+    ``top1`` / ``top5``."""
+    metrics = {"top1": MulticlassAccuracy(num_classes=num_classes, average="micro")}
+    if num_classes >= 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes=num_classes, top_k=5, average="micro")
+    return nn.ModuleDict(metrics)
+
+
 def labelled_datamodule(cfg):
-    """Seed the run, then build and check the ``data`` group, which must carry labels."""
+    """Seed the run, then build the ``data`` group and check both labelled splits (``train``
+    and ``val``) before anything is computed."""
+    import logging
+
     import lightning as L
 
     from lmim.errors import ConfigError
@@ -215,15 +227,23 @@ def labelled_datamodule(cfg):
 
     L.seed_everything(cfg.seed, workers=True)
     dm = instantiate_checked(cfg.data)
-    dm.validate()
-    if not hasattr(dm, "eval_dataset"):
-        raise ConfigError(f"data={cfg.data._target_} has no labels: use data=fashion_mnist")
+    if getattr(dm, "num_classes", None) is None or not hasattr(dm, "labelled_dataset"):
+        raise ConfigError(
+            f"data={cfg.data._target_} has no labels: use data=imagefolder (train/ and val/ "
+            "class folders), data=fashion_mnist or data=demo"
+        )
+    dm.validate_labelled()
+    if dm.num_classes < 5:
+        logging.getLogger("lmim").info(
+            "val/top5 is not reported: the data has %d classes (fewer than 5)", dm.num_classes
+        )
     return dm
 
 
-def fit_top1(cfg, module, train_loader: DataLoader, val_loader: DataLoader) -> float:
-    """Fit ``module`` with the ``trainer`` and ``logger`` groups; return its ``val/top1``.
-    The W&B run is finished also when fitting fails."""
+def fit_metrics(cfg, module, train_loader: DataLoader, val_loader: DataLoader) -> dict:
+    """Fit ``module`` with the ``trainer`` and ``logger`` groups; return its validation
+    metrics (``val/top1`` and, when logged, ``val/top5``). The W&B run is finished also when
+    fitting fails."""
     from lmim.utils import build_loggers, finish_wandb, instantiate_checked
 
     loggers = build_loggers(cfg.get("logger"))
@@ -232,19 +252,22 @@ def fit_top1(cfg, module, train_loader: DataLoader, val_loader: DataLoader) -> f
         trainer.fit(module, train_loader, val_loader)
     finally:
         finish_wandb()
-    return float(trainer.callback_metrics["val/top1"])
+    return {
+        k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/top1", "val/top5")
+    }
 
 
 def run_entry_point(run, cfg) -> float:
-    """Run an evaluation job; a ConfigError becomes one line on stderr and exit status 2."""
-    import sys
-
+    """Run an evaluation job and print its accuracies; a ConfigError becomes one line on
+    stderr and exit status 2."""
+    from lmim.cli import fail
     from lmim.errors import ConfigError
 
     try:
         result = run(cfg)
     except ConfigError as err:
-        print(f"lmim: error: {err}", file=sys.stderr)
-        sys.exit(2)
-    print(f"val/top1: {result['val/top1']:.4f}")
+        fail(str(err))
+    for key in ("val/top1", "val/top5"):
+        if key in result:
+            print(f"{key}: {result[key]:.4f}")
     return result["val/top1"]

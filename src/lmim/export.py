@@ -2,18 +2,21 @@
 
     python -m lmim.export outputs/.../checkpoints/last.ckpt --out vit_b_localmim.pth
 
-(``last.ckpt`` is a file, or a folder of shards under ``trainer=fsdp``; both are read.)
+prints one line of Python that loads it into timm with ``strict=True``: the registered model when
+the encoder has its architecture (``timm.create_model('vit_base_patch16_224', num_classes=0,
+img_size=224)`` for ``model=vit_b``), else timm's ``VisionTransformer`` / ``SwinTransformer``
+with the encoder's settings (``timm.models.VisionTransformer(img_size=32, patch_size=4, ...)``).
 
-then ``timm.create_model("vit_base_patch16_224", num_classes=0).load_state_dict(torch.load(...))``
-loads it with ``strict=True``.
+(``last.ckpt`` is a file, or a folder of shards under ``trainer=fsdp``; both are read.)
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import functools
 import warnings
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
@@ -21,6 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from lmim.cli import fail
 from lmim.errors import ConfigError
 
 
@@ -45,42 +49,134 @@ def encoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
-def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
-    """The timm model that :func:`encoder_state_dict` loads into (no head unless ``kwargs``
-    ask for ``num_classes``; other timm keyword arguments pass through)."""
+def timm_architecture(encoder: nn.Module) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The timm class and keyword arguments that build a model of the encoder's architecture.
+
+    Args:
+        encoder: a :class:`lmim.models.MaskedViT` or ``MaskedSwin``.
+
+    Returns:
+        ``(VisionTransformer | SwinTransformer, kwargs)``, e.g. ``img_size``, ``patch_size``,
+        ``embed_dim``, ``depth`` (Swin: ``depths``, ``window_size``), ``num_heads``,
+        ``mlp_ratio``, ``qkv_bias``.
+    """
     from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
-    kwargs = {"num_classes": 0, **kwargs}
-    if encoder.timm_name:
-        return timm.create_model(
-            encoder.timm_name, pretrained=False, img_size=encoder.img_size, **kwargs
-        )
-    common = dict(
-        img_size=encoder.img_size,
-        patch_size=encoder.patch_size,
-        embed_dim=encoder.embed_dim,
-        num_heads=encoder.num_heads,
-        mlp_ratio=encoder.mlp_ratio,
-        qkv_bias=encoder.qkv_bias,
-        **kwargs,
+    common: dict[str, Any] = dict(
+        img_size=int(encoder.img_size),
+        patch_size=int(encoder.patch_size),
+        in_chans=int(getattr(encoder, "in_chans", 3)),
+        embed_dim=int(encoder.embed_dim),
     )
+    tail = dict(mlp_ratio=float(encoder.mlp_ratio), qkv_bias=bool(encoder.qkv_bias))
     if hasattr(encoder, "depths"):  # pyramid
-        return SwinTransformer(depths=encoder.depths, window_size=encoder.window_size, **common)
-    return VisionTransformer(depth=encoder.depth, **common)
+        stages = dict(
+            depths=tuple(int(d) for d in encoder.depths),
+            num_heads=tuple(int(h) for h in encoder.num_heads),
+            window_size=int(encoder.window_size),
+        )
+        return SwinTransformer, {**common, **stages, **tail}
+    columns = dict(depth=int(encoder.depth), num_heads=int(encoder.num_heads))
+    return VisionTransformer, {**common, **columns, **tail}
+
+
+def _signature(model: nn.Module) -> dict[str, Any]:
+    """What a strict load depends on: every state-dict entry's shape, and every attention's
+    head count (which no shape shows in a ViT)."""
+    sig: dict[str, Any] = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, module in model.named_modules():
+        if hasattr(module, "num_heads"):
+            sig[f"{name}#heads"] = module.num_heads
+    return sig
+
+
+@functools.lru_cache(maxsize=32)
+def _same_architecture(name: str, cls: type, frozen: tuple) -> bool:
+    kwargs = dict(frozen)
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        registered = timm.create_model(
+            name, pretrained=False, num_classes=0, img_size=kwargs["img_size"]
+        )
+        own = cls(num_classes=0, **kwargs)
+    return _signature(registered) == _signature(own)
+
+
+def registered_name(encoder: nn.Module) -> str | None:
+    """The encoder's ``timm_name`` if that registered timm model has exactly the encoder's
+    architecture (same weights, shapes and heads), else None.
+
+    A model config names its timm model (``vit_tiny_patch16_224`` for ``model=vit_tiny``); a
+    setting changed on the command line (``model.encoder.patch_size=4``, ``depth``, widths,
+    heads, MLP ratio, qkv bias, Swin window or depths) makes it another architecture, which
+    :func:`timm_model` then builds from the timm class itself.
+    """
+    name = getattr(encoder, "timm_name", None)
+    if not name or not timm.is_model(name):
+        return None
+    cls, kwargs = timm_architecture(encoder)
+    return name if _same_architecture(name, cls, tuple(sorted(kwargs.items()))) else None
+
+
+def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
+    """The timm model that :func:`encoder_state_dict` loads into with ``strict=True``: the
+    registered model when it has the encoder's architecture (:func:`registered_name`), else
+    timm's ``VisionTransformer`` / ``SwinTransformer`` built with the encoder's settings.
+
+    No head unless ``kwargs`` ask for ``num_classes``; other timm keyword arguments
+    (``global_pool``, ``drop_path_rate``, ...) pass through.
+    """
+    kwargs = {"num_classes": 0, **kwargs}
+    name = registered_name(encoder)
+    if name:
+        return timm.create_model(name, pretrained=False, img_size=encoder.img_size, **kwargs)
+    cls, arch = timm_architecture(encoder)
+    return cls(**arch, **kwargs)
+
+
+def load_hint(encoder: nn.Module, path: str | Path) -> str:
+    """One line of Python that builds the timm model of :func:`timm_model` and loads the
+    exported file into it with ``strict=True``."""
+    name = registered_name(encoder)
+    if name:
+        build = f"timm.create_model({name!r}, num_classes=0, img_size={int(encoder.img_size)})"
+    else:
+        cls, arch = timm_architecture(encoder)
+        args = ", ".join(f"{k}={v!r}" for k, v in arch.items())
+        build = f"timm.models.{cls.__name__}({args}, num_classes=0)"
+    return (
+        f"import timm, torch; model = {build}; "
+        f"model.load_state_dict(torch.load({str(path)!r}), strict=True)"
+    )
 
 
 def load_pretrainer(checkpoint: str | Path) -> nn.Module:
     """Rebuild the pre-training model of a Lightning checkpoint written by ``lmim.train``: a
-    single file, or a folder of shards (``trainer=fsdp``), read without a process group."""
+    single file, or a folder of shards (``trainer=fsdp``), read without a process group.
+
+    Raises:
+        ConfigError: the file is missing, unreadable (truncated, not a checkpoint) or not
+            written by ``lmim.train``.
+    """
     path = Path(checkpoint)
-    if path.is_dir():
+    if path.is_dir():  # a folder of shards (trainer=fsdp)
         return _load_sharded_pretrainer(path)
+    fix = "pass a .ckpt written by python -m lmim.train (e.g. outputs/.../checkpoints/last.ckpt)"
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if "lmim_config" not in ckpt:
-        raise ConfigError(f"{path} was not written by lmim.train (no 'lmim_config' entry)")
+        raise ConfigError(f"checkpoint {path} does not exist: {fix}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"checkpoint {path} is not a readable checkpoint ({type(err).__name__}: {reason}); "
+            f"it may be truncated (copy it again) or another kind of file: {fix}"
+        ) from err
+    if not isinstance(ckpt, dict) or "lmim_config" not in ckpt or "state_dict" not in ckpt:
+        what = "an exported encoder (no 'state_dict')" if _looks_exported(ckpt) else "not"
+        raise ConfigError(
+            f"checkpoint {path} is {what} written by lmim.train (no 'lmim_config' entry): {fix}"
+        )
     net = instantiate(OmegaConf.create(ckpt["lmim_config"]["model"]))
     state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
     net.load_state_dict(state, strict=True)
@@ -128,6 +224,10 @@ def _load_sharded_pretrainer(path: Path) -> nn.Module:
     return net
 
 
+def _looks_exported(obj: Any) -> bool:
+    return isinstance(obj, dict) and "patch_embed.proj.weight" in obj
+
+
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(
         prog="python -m lmim.export",
@@ -143,8 +243,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         net = load_pretrainer(args.checkpoint)
     except ConfigError as err:
-        print(f"lmim.export: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
     sd = encoder_state_dict(net)
     out = (
         Path(args.out)
@@ -155,11 +254,8 @@ def main(argv: list[str] | None = None) -> Path:
         timm_model(net.encoder).load_state_dict(sd, strict=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(sd, out)
-    name = net.encoder.timm_name or type(timm_model(net.encoder)).__name__ + "(...)"
-    print(
-        f"wrote {out} ({len(sd)} tensors); load with timm.create_model('{name}', "
-        f"num_classes=0, img_size={net.encoder.img_size}).load_state_dict(torch.load('{out}'))"
-    )
+    print(f"wrote {out} ({len(sd)} tensors); load it into timm with:")
+    print(load_hint(net.encoder, out))
     return out
 
 

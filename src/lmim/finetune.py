@@ -4,7 +4,11 @@ The encoder's weights (exported as by ``python -m lmim.export``) go into the mat
 with average pooling and a new head (ViT: new ``fc_norm``; Swin: new final norm), and it is
 trained with LocalMIM's fine-tuning recipe (section 7), all from timm: layer-wise lr decay,
 drop path, Mixup/CutMix with label smoothing, RandAugment, random erasing, per-step warm-up and
-cosine. ``val/top1`` is the test accuracy (torchmetrics).
+cosine. It trains on the ``data`` group's labelled ``train`` split and validates on its ``val``
+split (ImageFolder ``train/`` and ``val/`` class folders, Fashion-MNIST's training and test
+sets, or the demo photos' crops) in the recipe's evaluation view (``finetune.eval_crop_pct``:
+resize 256, centre crop 224). ``val/top1`` and, with at least 5 classes, ``val/top5`` are the
+validation accuracies (torchmetrics).
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import hydra
 import lightning as L
 from omegaconf import DictConfig
 from PIL import Image
@@ -22,13 +25,12 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
 
+from lmim.cli import hydra_entry
 from lmim.errors import ConfigError
-from lmim.evaluation import fit_top1, labelled_datamodule, run_entry_point
+from lmim.evaluation import accuracy_metrics, fit_metrics, labelled_datamodule, run_entry_point
 from lmim.export import encoder_state_dict, load_pretrainer, timm_model
 from lmim.module import warmup_cosine
-from lmim.utils import config_dir
 
 log = logging.getLogger("lmim")
 
@@ -147,7 +149,7 @@ class FinetuneModule(L.LightningModule):
             if self.mixup
             else nn.CrossEntropyLoss(label_smoothing=smoothing)
         )
-        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_metrics = accuracy_metrics(num_classes)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -160,8 +162,10 @@ class FinetuneModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_top1.update(self.model(x), y)
-        self.log("val/top1", self.val_top1, prog_bar=True)
+        logits = self.model(x)
+        for name, metric in self.val_metrics.items():
+            metric.update(logits, y)
+            self.log(f"val/{name}", metric, prog_bar=name == "top1")
 
     def configure_optimizers(self):
         accum = self.trainer.accumulate_grad_batches
@@ -179,12 +183,22 @@ class FinetuneModule(L.LightningModule):
 
 
 def finetune(cfg: DictConfig) -> dict[str, Any]:
-    """Build the classifier and data, fine-tune, return the test top-1 (``val/top1``)."""
+    """Build the classifier and data, fine-tune, return the validation accuracies (``val/top1``,
+    ``val/top5`` with at least 5 classes) and the weight-loading report."""
     dm = labelled_datamodule(cfg)
     f = cfg.finetune
     model, report = build_classifier(
         cfg.checkpoint, cfg.init_model, cfg.data.img_size, dm.num_classes, f.drop_path_rate
     )
+    if cfg.checkpoint:
+        log.info(
+            "encoder weights loaded from %s; new: %s; dropped: %s",
+            cfg.checkpoint,
+            ", ".join(sorted(report["missing"])) or "none",
+            ", ".join(sorted(report["unexpected"])) or "none",
+        )
+    else:
+        log.info("init_model=%s: training from randomly initialised weights", cfg.init_model)
     size = cfg.data.img_size
     common = dict(input_size=size, interpolation="bicubic", mean=tuple(dm.mean), std=tuple(dm.std))
     train_tf = create_transform(
@@ -198,10 +212,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
     )
     pillow_safe_posterize(train_tf)
     eval_tf = create_transform(is_training=False, crop_pct=f.eval_crop_pct, **common)
-    from lmim.data.fashion_mnist import FashionMNIST
-
-    train_set = FashionMNIST(dm.root, "train", train_tf, dm.train_limit)
-    test_set = FashionMNIST(dm.root, "test", eval_tf, dm.test_limit)
+    train_set = dm.labelled_dataset("train", train_tf)
+    val_set = dm.labelled_dataset("val", eval_tf)
     module = FinetuneModule(
         model,
         dm.num_classes,
@@ -215,17 +227,17 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
         dm.batch_size,
     )
     loader = dict(batch_size=dm.batch_size, num_workers=dm.num_workers)
-    top1 = fit_top1(
+    metrics = fit_metrics(
         cfg,
         module,
         DataLoader(train_set, shuffle=True, drop_last=True, **loader),
-        DataLoader(test_set, **loader),
+        DataLoader(val_set, **loader),
     )
-    log.info("fine-tuning top-1 %.4f", top1)
-    return {"val/top1": top1, **report}
+    log.info("fine-tuning %s", metrics)
+    return {**metrics, **report}
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="finetune")
+@hydra_entry("finetune")
 def main(cfg: DictConfig) -> float:
     return run_entry_point(finetune, cfg)
 

@@ -1,8 +1,10 @@
 """Linear probe of a frozen pre-trained encoder: ``python -m lmim.linprobe checkpoint=...``.
 
 Features of one encoder layer (average-pooled patch tokens or the cls token) are computed once,
-with nothing masked, then a linear classifier behind a BatchNorm without affine parameters (MAE's
-protocol) is trained on them with a real Lightning Trainer; ``val/top1`` is the test accuracy.
+with nothing masked, from the ``data`` group's labelled ``train`` and ``val`` splits in its
+evaluation view (ImageFolder: resize 256, centre crop 224), then a linear classifier behind a
+BatchNorm without affine parameters (MAE's protocol) is trained on them with a real Lightning
+Trainer; ``val/top1`` (and ``val/top5`` with at least 5 classes) is the validation accuracy.
 """
 
 from __future__ import annotations
@@ -10,17 +12,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from torchmetrics.classification import MulticlassAccuracy
 
+from lmim.cli import hydra_entry
 from lmim.errors import ConfigError
-from lmim.evaluation import extract_features, fit_top1, labelled_datamodule, run_entry_point
-from lmim.utils import config_dir
+from lmim.evaluation import (
+    accuracy_metrics,
+    extract_features,
+    fit_metrics,
+    labelled_datamodule,
+    run_entry_point,
+)
 
 log = logging.getLogger("lmim")
 
@@ -62,7 +68,7 @@ class LinearProbe(L.LightningModule):
         nn.init.trunc_normal_(self.head[1].weight, std=0.01)
         nn.init.zeros_(self.head[1].bias)
         self.lr, self.weight_decay = lr, weight_decay
-        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_metrics = accuracy_metrics(num_classes)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -72,8 +78,10 @@ class LinearProbe(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.val_top1.update(self.head(x), y)
-        self.log("val/top1", self.val_top1, prog_bar=True)
+        logits = self.head(x)
+        for name, metric in self.val_metrics.items():
+            metric.update(logits, y)
+            self.log(f"val/{name}", metric, prog_bar=name == "top1")
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
@@ -82,24 +90,25 @@ class LinearProbe(L.LightningModule):
 
 
 def linprobe(cfg: DictConfig) -> dict[str, Any]:
-    """Extract features, train the probe, return the test top-1 (``val/top1``)."""
+    """Extract features, train the probe, return the validation accuracies (``val/top1``,
+    ``val/top5`` with at least 5 classes) and the split sizes."""
     dm = labelled_datamodule(cfg)
     encoder = load_encoder(cfg.checkpoint, cfg.init_model, cfg.data.img_size)
     p = cfg.probe
     train = extract_features(encoder, dm.eval_dataloader("train"), p.layer, p.pool)
-    test = extract_features(encoder, dm.eval_dataloader("test"), p.layer, p.pool)
+    val = extract_features(encoder, dm.eval_dataloader("val"), p.layer, p.pool)
     module = LinearProbe(train[0].shape[1], dm.num_classes, p.lr, p.weight_decay)
-    top1 = fit_top1(
+    metrics = fit_metrics(
         cfg,
         module,
         DataLoader(TensorDataset(*train), batch_size=p.batch_size, shuffle=True),
-        DataLoader(TensorDataset(*test), batch_size=1024),
+        DataLoader(TensorDataset(*val), batch_size=1024),
     )
-    log.info("linear probe top-1 %.4f (layer %s, %s pooling)", top1, p.layer, p.pool)
-    return {"val/top1": top1, "num_train": len(train[1]), "num_test": len(test[1])}
+    log.info("linear probe %s (layer %s, %s pooling)", metrics, p.layer, p.pool)
+    return {**metrics, "num_train": len(train[1]), "num_test": len(val[1])}
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="linprobe")
+@hydra_entry("linprobe")
 def main(cfg: DictConfig) -> float:
     return run_entry_point(linprobe, cfg)
 

@@ -15,7 +15,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -23,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.callbacks import ResumeCheckpoint
+from lmim.cli import fail, hydra_entry, report
 from lmim.errors import ConfigError, TrainingStoppedError
 from lmim.module import LocalMIMModule
 from lmim.rendezvous import share, trainer_endpoint
@@ -30,7 +30,6 @@ from lmim.resume import checkpoint_exists, load_checkpoint_meta, resume_checkpoi
 from lmim.utils import (
     build_callbacks,
     build_loggers,
-    config_dir,
     finish_wandb,
     instantiate_checked,
     to_container,
@@ -237,7 +236,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+@hydra_entry("train")
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("print_config_only"):
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -245,13 +244,12 @@ def main(cfg: DictConfig) -> float | None:
     try:
         result = train(cfg)
     except ConfigError as err:
-        print(f"lmim: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(err))
     except TrainingStoppedError as err:
         if rank_zero_only.rank == 0:
             where = getattr(err, "checkpoint", None)
             kept = f" (last checkpoint: {where})" if where else ""
-            print(f"lmim: stopped: {err}{kept}", file=sys.stderr)
+            report(f"{err}{kept}", prefix="lmim: stopped: ")
         sys.exit(err.exit_code)
     if not result["global_zero"]:
         return None

@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from lmim.errors import ConfigError
 from lmim.rendezvous import on_rank_zero, run_id
@@ -20,17 +20,88 @@ from lmim.rendezvous import on_rank_zero, run_id
 log = logging.getLogger("lmim")
 
 
-def _budget_label(max_epochs: int, max_steps: int) -> str:
-    """``100ep`` for an epoch budget, ``5000steps`` for a run limited by steps."""
-    return f"{max_steps}steps" if int(max_epochs) < 0 and int(max_steps) > 0 else f"{max_epochs}ep"
+def _budget_label(max_epochs: int | None, max_steps: int | None, fast_dev_run: Any = False) -> str:
+    """What bounds the run: ``100ep``, ``5000steps`` when a step limit is set, ``fast_dev_run``.
+
+    Lightning stops at whichever of ``max_epochs`` and ``max_steps`` comes first; a step limit
+    (``max_steps > 0``) is what a user sets to shorten a run whose epochs default to the paper's
+    (``trainer.max_steps=10`` on top of 1600 epochs), so it names the run.
+    """
+    if fast_dev_run:
+        return "fast_dev_run"
+    if max_steps is not None and int(max_steps) > 0:
+        return f"{int(max_steps)}steps"
+    if max_epochs is None or int(max_epochs) < 0:
+        return "unbounded"
+    return f"{int(max_epochs)}ep"
 
 
-# Used by conf/train.yaml's labels.budget.
+def local_devices(devices: Any) -> int:
+    """Processes per node for a ``trainer.devices`` value (``-1``/``auto``: every GPU, or one
+    process on a machine without GPUs)."""
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int) and devices > 0:
+        return devices
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    if isinstance(devices, list | tuple | ListConfig):
+        return max(len(devices), 1)
+    from lightning.fabric.accelerators.cuda import num_cuda_devices
+
+    return max(num_cuda_devices(), 1)
+
+
+def _num_workers(cap: int, devices: Any = 1) -> int:
+    """``min(cap, Lightning's suggested maximum)``: the CPUs this process may use
+    (``os.sched_getaffinity``) divided by the devices of the node, less one for the main
+    process, at least 1. A 2-core machine gets 1 worker instead of a warning about 8."""
+    from lightning.fabric.utilities.data import suggested_max_num_workers
+
+    return max(0, min(int(cap), suggested_max_num_workers(local_devices(devices))))
+
+
+def _option_value(group: str, option: str, key: str) -> Any:
+    """``key`` of ``conf/<group>/<option>.yaml``, following the option's defaults list within
+    the group (``trainer/cpu.yaml`` -> ``trainer/default.yaml``); None when not found."""
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    node = OmegaConf.load(path)
+    if key in node:
+        return node[key]
+    for entry in node.get("defaults", []):
+        if isinstance(entry, str) and entry != "_self_":
+            value = _option_value(group, entry, key)
+            if value is not None:
+                return value
+    return None
+
+
+def _experiment_devices(devices: Any) -> Any:
+    """An experiment's ``trainer.devices`` (the paper's GPU count), unless the command line
+    chose the trainer group: then that trainer option's own devices, so that
+    ``experiment=vit_b_100ep trainer=cpu`` runs on one CPU process."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return devices
+    hydra_cfg = HydraConfig.get()
+    chosen = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") == "trainer"]
+    if not chosen:
+        return devices
+    own = _option_value("trainer", hydra_cfg.runtime.choices.get("trainer", ""), "devices")
+    return devices if own is None else own
+
+
+# conf/train.yaml's labels.budget, the data configs' num_workers, the experiments' devices.
 OmegaConf.register_new_resolver("lmim.budget", _budget_label, replace=True)
 # Used by conf/hydra/default.yaml: the run folder's name, one for all processes (cached per
 # config, so a sweep's jobs share their master's), and .hydra written by rank 0 only.
 OmegaConf.register_new_resolver("lmim.run_id", run_id, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("lmim.on_rank_zero", on_rank_zero, replace=True)
+OmegaConf.register_new_resolver("lmim.num_workers", _num_workers, replace=True)
+OmegaConf.register_new_resolver("lmim.experiment_devices", _experiment_devices, replace=True)
 
 
 def config_dir() -> Path:
@@ -48,7 +119,11 @@ def config_dir() -> Path:
 
 def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets lmim's ConfigError through unwrapped, so the user
-    sees the one-line message naming the key instead of Hydra's instantiation traceback."""
+    sees the one-line message naming the key instead of Hydra's instantiation traceback.
+
+    A key the class does not take (``+data.batchsize=4`` adds one) becomes a ConfigError that
+    names it and the closest setting the node has (``data.batch_size``).
+    """
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
@@ -56,8 +131,36 @@ def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
         while cause is not None:
             if isinstance(cause, ConfigError):
                 raise cause from None
+            if isinstance(cause, TypeError):
+                unknown = _unknown_setting(node, err, cause)
+                if unknown is not None:
+                    raise unknown from None
             cause = cause.__cause__
         raise
+
+
+def _unknown_setting(node: DictConfig, err: Exception, cause: TypeError) -> ConfigError | None:
+    import difflib
+    import re
+
+    match = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    if match is None:
+        return None
+    name = match.group(1)
+    where = re.search(r"full_key: (\S+)", str(err))
+    path = where.group(1) if where else node._get_full_key(None)
+    target = re.search(r"target '([^']+)'", str(err))
+    own = node._get_full_key(None) or ""
+    relative = path[len(own) :].lstrip(".") if path.startswith(own) else ""
+    sub = OmegaConf.select(node, relative) if relative else node
+    scope = sub if isinstance(sub, DictConfig) else node
+    valid = [str(k) for k in scope if str(k) != name and not str(k).startswith("_")]
+    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
+    hint = f"did you mean {path}.{close[0]}?" if close else f"its settings: {', '.join(valid)}"
+    return ConfigError(
+        f"{path}.{name} is not a setting of {target.group(1) if target else path} (added with "
+        f"+{path}.{name}=...): {hint}"
+    )
 
 
 def wandb_has_key() -> bool:

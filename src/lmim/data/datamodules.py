@@ -13,14 +13,23 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.transforms import RandomResizedCrop
 
-from lmim.data.images import ImageFiles, TrainSet, UnreadableImageError, collate, load_rgb
+from lmim.data.images import (
+    ImageFiles,
+    LabelledImages,
+    TrainSet,
+    UnreadableImageError,
+    collate,
+    load_rgb,
+)
 from lmim.data.resumable import ResumableLoader, ResumableSampler
 from lmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
 from lmim.errors import ConfigError
+from lmim.seeding import AUGMENT, derive_seed
 
 
 class _PretrainDataModule(L.LightningDataModule):
@@ -44,7 +53,15 @@ class _PretrainDataModule(L.LightningDataModule):
         drop_last: drop each epoch's incomplete batch.
         seed: shuffling and augmentation seed (the run's ``seed``); None draws one per run.
         max_skipped_share: stop when more than this share of the images is unreadable.
+        eval_crop_pct: the evaluation view (k-NN, linear probe) resizes to
+            ``img_size / eval_crop_pct`` and centre-crops ``img_size``.
+
+    Labelled DataModules (all of lmim's) also give deterministic labelled splits for
+    evaluation: ``num_classes``, ``classes``, :meth:`labelled_dataset` and :meth:`eval_dataset`
+    (splits ``"train"`` and ``"val"``; ``"test"`` is the same as ``"val"``).
     """
+
+    num_classes: int | None = None
 
     def __init__(
         self,
@@ -59,6 +76,7 @@ class _PretrainDataModule(L.LightningDataModule):
         drop_last: bool = True,
         seed: int | None = 0,
         max_skipped_share: float = 0.01,
+        eval_crop_pct: float = 1.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -79,6 +97,12 @@ class _PretrainDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.seed = seed
         self.max_skipped_share = float(max_skipped_share)
+        if not 0.0 < float(eval_crop_pct) <= 1.0:
+            raise ConfigError(
+                f"data.eval_crop_pct={eval_crop_pct} must lie in (0, 1] (0.875: resize 256, "
+                "centre crop 224)"
+            )
+        self.eval_crop_pct = float(eval_crop_pct)
         self.train_set: TrainSet | None = None
         self.loader: ResumableLoader | None = None
         self._loader_state: dict[str, int] | None = None
@@ -97,8 +121,34 @@ class _PretrainDataModule(L.LightningDataModule):
     def preview_transform(self):
         return eval_transform(self.img_size, self.mean, self.std)
 
+    def eval_view(self):
+        """The deterministic evaluation view (``eval_crop_pct``)."""
+        return eval_transform(self.img_size, self.mean, self.std, self.eval_crop_pct)
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` if the data cannot be read; called before training."""
+
+    def validate_labelled(self) -> None:
+        """Raise :class:`ConfigError` unless both labelled splits can be read; called before
+        an evaluation."""
+        self.validate()
+
+    def labelled_dataset(self, split: str, transform, limit: int | None = None) -> Dataset:
+        """``(image, label)`` pairs of ``split`` ("train" or "val") through ``transform``, in a
+        fixed order; ``limit`` keeps that many, spread evenly over the split."""
+        raise ConfigError(f"{type(self).__name__} has no labels")
+
+    def eval_dataset(self, split: str, limit: int | None = None) -> Dataset:
+        """A labelled split in the evaluation view (k-NN monitor, linear probe)."""
+        return self.labelled_dataset(split, self.eval_view(), limit)
+
+    def eval_dataloader(self, split: str, limit: int | None = None) -> DataLoader:
+        return DataLoader(
+            self.eval_dataset(split, limit),
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+        )
 
     def check_size(self, world_size: int) -> None:
         """Raise :class:`ConfigError` unless every one of ``world_size`` processes gets a batch."""
@@ -162,23 +212,95 @@ class _PretrainDataModule(L.LightningDataModule):
                 self._loader_state = dict(state_dict["loader"])
 
 
+def _split_name(split: str) -> str:
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train' or 'val' (or 'test'), got {split!r}")
+    return "val" if split == "test" else split
+
+
+def spread(dataset: Dataset, limit: int | None) -> Dataset:
+    """``limit`` items of ``dataset`` at evenly spaced indices (every class of a sorted
+    ImageFolder keeps its share), or the whole dataset."""
+    n = len(dataset)
+    if limit is None or limit >= n:
+        return dataset
+    return Subset(dataset, [i * n // limit for i in range(max(int(limit), 0))])
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _holds_images(folder: str) -> bool:
+    """True as soon as one image file is found below ``folder``."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(_is_image(f) for f in files):
+            return True
+    return False
+
+
+def class_folders(split_dir: Path, root: Any) -> list[str]:
+    """The class folders of an ImageFolder split, checked: raises :class:`ConfigError` when the
+    images lie directly in the split folder, when there are none, or when a class folder holds
+    none (what torchvision's scan refuses with a ``FileNotFoundError``)."""
+    entries = list(os.scandir(split_dir))
+    classes = sorted(e.name for e in entries if e.is_dir(follow_symlinks=True))
+    loose = [e.name for e in entries if e.is_file() and _is_image(e.name)]
+    filled = [c for c in classes if _holds_images(os.path.join(split_dir, c))]
+    layout = f"expected {split_dir}/<class>/<images>"
+    if not filled and loose:
+        raise ConfigError(
+            f"data.root={root}: the {len(loose)} images of {split_dir} lie directly in it, but "
+            f"an ImageFolder reads one folder per class ({layout}): move them into class "
+            f"folders (for pre-training any one folder works, e.g. {split_dir}/all/)"
+        )
+    if not filled:
+        raise ConfigError(
+            f"data.root={root}: {split_dir} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, "
+            f"...) in class sub-folders: {layout}"
+        )
+    empty = [c for c in classes if c not in filled]
+    if empty:
+        raise ConfigError(
+            f"data.root={root}: {len(empty)} class folder(s) of {split_dir} hold no images "
+            f"({', '.join(empty[:3])}{', ...' if len(empty) > 3 else ''}): remove them or add "
+            "images (every folder is a class)"
+        )
+    return classes
+
+
 class ImageFolderDataModule(_PretrainDataModule):
-    """Images under ``root/<split>/<class>/*`` (the ImageNet layout); labels are unused.
+    """Images under ``root/<split>/<class>/*`` (the ImageNet layout).
+
+    Pre-training reads ``root/<split>`` and ignores the labels; evaluation (linear probe,
+    fine-tuning, k-NN monitor) reads ``root/<split>`` and ``root/<val_split>``, with labels from
+    the class folders, which must be the same in both.
 
     Args:
-        root: dataset root holding ``split``.
-        split: sub-folder read for pre-training (``train``).
-        **kwargs: loader and augmentation settings of the base class.
+        root: dataset root holding ``split`` (and ``val_split`` for evaluation).
+        split: sub-folder read for pre-training and as the labelled training split (``train``).
+        val_split: sub-folder of the labelled validation split (``val``).
+        **kwargs: loader and augmentation settings of the base class (``eval_crop_pct``
+            defaults to 0.875 here).
     """
 
-    def __init__(self, root: str | None = None, split: str = "train", **kwargs) -> None:
+    def __init__(
+        self, root: str | None = None, split: str = "train", val_split: str = "val", **kwargs
+    ) -> None:
+        kwargs.setdefault("eval_crop_pct", 0.875)  # the paper's view: resize 256, crop 224
         super().__init__(**kwargs)
         self.root = root
         self.split = split
+        self.val_split = val_split
+        self._classes: list[str] | None = None
+
+    @property
+    def root_dir(self) -> Path:
+        return Path(os.path.expanduser(str(self.root)))
 
     @property
     def split_dir(self) -> Path:
-        return Path(os.path.expanduser(str(self.root))) / self.split
+        return self.root_dir / self.split
 
     def validate(self) -> None:
         if self.root in (None, "", "???"):
@@ -186,7 +308,7 @@ class ImageFolderDataModule(_PretrainDataModule):
                 "data.root is not set: pass data.root=/path/to/imagenet (a folder holding "
                 f"{self.split}/<class>/<images>), or use data=demo for the embedded photos"
             )
-        root = Path(os.path.expanduser(str(self.root)))
+        root = self.root_dir
         if not root.is_dir():
             raise ConfigError(
                 f"data.root={self.root} does not exist: point data.root at a folder holding "
@@ -199,13 +321,44 @@ class ImageFolderDataModule(_PretrainDataModule):
                 f"{split}/<class>/<images>; set data.root to the folder that contains "
                 f"'{self.split}' (or data.split to its name)"
             )
-        for _, _, files in os.walk(split, followlinks=True):
-            if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-                return
-        raise ConfigError(
-            f"data.root={self.root}: {split} holds no images ({', '.join(IMG_EXTENSIONS[:4])}, "
-            f"...) in class sub-folders: expected {split}/<class>/<images>"
-        )
+        self._classes = class_folders(split, self.root)
+
+    def validate_labelled(self) -> None:
+        self.validate()
+        val = self.root_dir / self.val_split
+        if not val.is_dir():
+            raise ConfigError(
+                f"data.root={self.root} has no '{self.val_split}' folder, which linear probing "
+                f"and fine-tuning evaluate on: add {val}/<class>/<images> with the class folders "
+                f"of {self.split}/ (or set data.val_split to the validation folder's name)"
+            )
+        train, held = set(self.classes), set(class_folders(val, self.root))
+        if train != held:
+            only_train, only_val = sorted(train - held), sorted(held - train)
+            raise ConfigError(
+                f"data.root={self.root}: the class folders of {self.split}/ and "
+                f"{self.val_split}/ differ ({len(only_train)} only in {self.split}/"
+                f"{': ' + ', '.join(only_train[:3]) if only_train else ''}; {len(only_val)} only "
+                f"in {self.val_split}/{': ' + ', '.join(only_val[:3]) if only_val else ''}): "
+                "labels are the folder names, so both splits need the same class folders"
+            )
+
+    @property
+    def classes(self) -> list[str]:
+        """The class folder names of the training split, sorted (label = position)."""
+        if self._classes is None:
+            self.validate()
+        return list(self._classes)
+
+    @property
+    def num_classes(self) -> int:  # type: ignore[override]
+        return len(self.classes)
+
+    def _samples(self, split: str) -> list[tuple[str, int]]:
+        """``(path, label)`` of a split, by torchvision's scan, with the training split's labels."""
+        folder = self.root_dir / (self.split if split == "train" else self.val_split)
+        class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        return make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -213,6 +366,12 @@ class ImageFolderDataModule(_PretrainDataModule):
             # torchvision's scan (classes, extensions); decoding is lmim's (load_rgb).
             files = ImageFolder(str(self.split_dir), loader=lambda p: p).samples
             self.train_set = TrainSet(ImageFiles(files), self.train_transform(), seed=0)
+
+    def labelled_dataset(self, split: str, transform, limit: int | None = None) -> Dataset:
+        split = _split_name(split)
+        if split == "val":
+            self.validate_labelled()
+        return spread(LabelledImages(ImageFiles(self._samples(split)), transform), limit)
 
     def preview_images(self, n: int) -> torch.Tensor:
         """(n, 3, S, S) deterministic normalised views of the first readable images of distinct
@@ -300,6 +459,29 @@ class RandomCrops(Dataset):
         return self.images[label], label
 
 
+class FixedCrops:
+    """A fixed labelled set of crops of a few photos: crop ``i`` comes from photo
+    ``i % len(photos)`` (its label), with an area share in ``scale`` and a position drawn from
+    (``seed``, ``i``), the same every time. An image source for :class:`LabelledImages`."""
+
+    def __init__(
+        self, images: Sequence[Image.Image], length: int, scale: Sequence[float], seed: int
+    ) -> None:
+        self.images, self.length = list(images), int(length)
+        self.scale, self.seed = tuple(scale), int(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        label = index % len(self.images)
+        img = self.images[label]
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(derive_seed(self.seed, AUGMENT, 0, index))
+            top, left, h, w = RandomResizedCrop.get_params(img, self.scale, (3 / 4, 4 / 3))
+        return img.crop((left, top, left + w, top + h)), label
+
+
 class DemoDataModule(_PretrainDataModule):
     """Random crops of the photos bundled with scikit-image: the embedded default data.
 
@@ -333,6 +515,24 @@ class DemoDataModule(_PretrainDataModule):
         if self.train_set is None:
             crops = RandomCrops(self.photos(), self.samples_per_epoch)
             self.train_set = TrainSet(crops, self.train_transform(), seed=0)
+
+    @property
+    def classes(self) -> list[str]:
+        """The photos' names: a crop's label is the photo it was cut from."""
+        return list(self.images)
+
+    @property
+    def num_classes(self) -> int:  # type: ignore[override]
+        return len(self.images)
+
+    def labelled_dataset(self, split: str, transform, limit: int | None = None) -> Dataset:
+        """Fixed crops labelled with their photo (:class:`FixedCrops`): ``samples_per_epoch``
+        for "train", a quarter as many (at least one per photo) other crops for "val"."""
+        split = _split_name(split)
+        train = split == "train"
+        n = self.samples_per_epoch if train else max(len(self.images), self.samples_per_epoch // 4)
+        crops = FixedCrops(self.photos(), n, self.crop_scale, seed=0 if train else 1)
+        return spread(LabelledImages(crops, transform), limit)
 
     def preview_images(self, n: int) -> torch.Tensor:
         """(n, 3, S, S) deterministic centre views of the first n photos."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lmim.data.datamodules import _PretrainDataModule
 from lmim.data.images import TrainSet
@@ -142,22 +142,27 @@ class FashionMNISTDataModule(_PretrainDataModule):
             source = FashionMNIST(self.root, "train", None, self.train_limit)
             self.train_set = TrainSet(source, self.train_transform(), seed=0)
 
-    def eval_dataset(self, split: str, limit: int | None = None) -> FashionMNIST:
-        """A deterministic labelled split ("train" or "test") for kNN, probes and fine-tuning."""
+    @property
+    def classes(self) -> list[str]:
+        return list(CLASSES)
+
+    def labelled_dataset(self, split: str, transform, limit: int | None = None) -> FashionMNIST:
+        """The "train" split (60,000) or the test split ("val" or "test", 10,000) through
+        ``transform``; ``limit`` (default ``data.train_limit`` / ``data.test_limit``) keeps the
+        first images."""
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train' or 'val' (or 'test'), got {split!r}")
+        split = "train" if split == "train" else "test"
         if limit is None:
             limit = self.train_limit if split == "train" else self.test_limit
-        return FashionMNIST(self.root, split, self.preview_transform(), limit)
+        return FashionMNIST(self.root, split, transform, limit)
 
-    def eval_dataloader(self, split: str, limit: int | None = None) -> DataLoader:
-        return DataLoader(
-            self.eval_dataset(split, limit),
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-        )
+    def eval_dataset(self, split: str, limit: int | None = None) -> FashionMNIST:
+        """A deterministic labelled split ("train" or "test") for kNN, probes and fine-tuning."""
+        return self.labelled_dataset(split, self.eval_view(), limit)
 
     def preview_images(self, n: int) -> torch.Tensor:
-        ds = self.eval_dataset("test", None)
+        ds = FashionMNIST(self.root, "test", self.preview_transform(), self.test_limit)
         picks, seen = [], set()
         for i, label in enumerate(ds.labels):
             if int(label) not in seen:

@@ -9,6 +9,7 @@ run neither crashes nor silently trains on garbage.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +24,8 @@ from lmim.seeding import AUGMENT, derive_seed
 
 # Replacing a bad image gives up after this many unreadable ones in a row.
 MAX_CONSECUTIVE_BAD = 64
+
+log = logging.getLogger("lmim")
 
 
 class UnreadableImageError(Exception):
@@ -148,6 +151,43 @@ class TrainSet(Dataset):
             torch.default_generator.manual_seed(derive_seed(self.seed, AUGMENT, epoch, index))
             image = self.transform(img)
         return image, label, tuple(skipped)
+
+
+class LabelledImages(Dataset):
+    """``(transform(image), label)`` of an image source, in its order: the deterministic
+    labelled splits of evaluation (frozen features, linear probes, fine-tuning).
+
+    An unreadable image is replaced by the next readable one (with that one's label) and named
+    in a warning, as in pre-training.
+
+    Args:
+        source: the images (:class:`ImageSource`).
+        transform: PIL image -> tensor.
+    """
+
+    def __init__(self, source: ImageSource, transform: Callable) -> None:
+        self.source = source
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        n = len(self.source)
+        if not 0 <= int(index) < n:  # ends plain iteration (replacements wrap around)
+            raise IndexError(f"index {index} out of range for {n} images")
+        for attempt in range(min(MAX_CONSECUTIVE_BAD, n)):
+            try:
+                img, label = self.source.load((int(index) + attempt) % n)
+                break
+            except UnreadableImageError as err:
+                log.warning("evaluation: skipped unreadable image %s (%s)", err.path, err.reason)
+        else:
+            raise BadDataError(
+                f"{MAX_CONSECUTIVE_BAD} images in a row could not be read from index {index}: "
+                "check data.root (is it the image folder?) and the files' integrity"
+            )
+        return self.transform(img), label
 
 
 def collate(samples: list[tuple[torch.Tensor, int, tuple]]) -> tuple[Any, Any, tuple]:

@@ -1,7 +1,9 @@
-"""Pre-training augmentation (LocalMIM section 6): RandomResizedCrop, flip, normalise."""
+"""Pre-training augmentation (LocalMIM section 6): RandomResizedCrop, flip, normalise; and the
+deterministic evaluation view."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -35,11 +37,16 @@ def eval_transform(
     img_size: int,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    crop_pct: float = 1.0,
 ) -> T.Compose:
-    """Deterministic view for previews: resize the short side, centre crop, normalise."""
+    """Deterministic view: resize the short side to ``img_size / crop_pct``, centre crop
+    ``img_size``, normalise. ``crop_pct=0.875`` at 224 px is the paper's evaluation view
+    (resize 256, centre crop 224); 1.0 keeps the whole short side (previews, Fashion-MNIST)."""
+    if not 0.0 < float(crop_pct) <= 1.0:
+        raise ValueError(f"crop_pct={crop_pct} must lie in (0, 1]")
     return T.Compose(
         [
-            T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.Resize(math.floor(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(img_size),
             T.ToTensor(),
             T.Normalize(mean, std),

@@ -45,7 +45,9 @@ class MaskedViT(nn.Module):
         mlp_ratio: MLP hidden width / embed_dim.
         qkv_bias: bias on the qkv projection.
         drop_path_rate: stochastic depth (0 in pre-training).
-        timm_name: the timm model this encoder's weights load into (used by the exporter).
+        timm_name: the registered timm model of this architecture; the exporter uses it only
+            while the settings above equal that model's (else it builds timm's
+            ``VisionTransformer`` with them, :func:`lmim.export.timm_model`).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class MaskedViT(nn.Module):
             )
         self.img_size = img_size
         self.patch_size = patch_size
+        self.in_chans = in_chans
         self.embed_dim = embed_dim
         self.depth = depth
         self.num_heads = num_heads
