@@ -1,0 +1,310 @@
+"""The reconstruction picture: what it shows, that it never costs a run, and that the demo's
+shows learning (scored by value on held-out crops)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import matplotlib
+import numpy as np
+import pytest
+import torch
+
+import lmim
+from lmim.data.datamodules import RandomCrops, load_demo_images
+from lmim.data.images import TrainSet
+from lmim.data.transforms import pretrain_transform
+from lmim.targets import HOG, NormalizedPixels
+from lmim.viz import (
+    MASKED_RGB,
+    hog_panel,
+    masked_cell_scores,
+    pixel_reconstruction,
+    reconstruction_figure,
+    zoom_window,
+)
+from lmim.wandb_file import read_wandb_file
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny ViT on 32-px crops: one CLI run takes seconds.
+QUICK = [
+    *(o for o in TINY if not o.startswith("data.img_size")),
+    "data.img_size=32",
+    "data.batch_size=4",
+    "data.samples_per_epoch=8",
+    "trainer.max_steps=2",
+    "trainer.max_epochs=-1",
+    "trainer.enable_progress_bar=false",
+]
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "lmim.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# -- hooks loaded into real runs (+callbacks.x._target_=tests.test_figure.X) ------------------
+
+
+class PreviewFault(L.Callback):
+    """Makes the picture's forward (the model in eval mode, which training never uses) raise
+    (``how=raise``) or kill the process on the spot with exit status 3 (``how=exit``)."""
+
+    def __init__(self, how: str = "raise") -> None:
+        self.how = how
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module.net.register_forward_hook(self._fault)
+
+    def _fault(self, module, args, out):
+        if not module.training:
+            if self.how == "exit":
+                os._exit(3)
+            raise RuntimeError("injected failure of the preview forward\nsecond line")
+        return out
+
+
+class CountPreviews(L.Callback):
+    """Writes ``<dirpath>/previews_rank<r>.txt``: how many eval-mode forwards rank r ran."""
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.count = 0
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        pl_module.net.register_forward_hook(self._count)
+
+    def _count(self, module, args, out):
+        self.count += int(not module.training)
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        path = self.dirpath / f"previews_rank{trainer.global_rank}.txt"
+        path.write_text(str(self.count))
+
+
+# -- scores ------------------------------------------------------------------------------------
+
+
+def test_masked_cell_scores_by_value():
+    """R² is 1 for perfect predictions and 0 for the (weighted) mean target; visible cells do not
+    count; fractional weights weigh cells like the loss does; Pearson per cell as defined."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 6, 5, generator=g)
+    weight = torch.tensor([[1.0, 1, 0, 0, 0.5, 1], [0, 1, 1, 0, 0, 0.25]])
+    keep = weight > 0
+    w = weight[keep]
+    mean = (target[keep] * w[:, None]).sum(0) / w.sum()
+    junk = torch.where(keep[..., None], target, torch.full_like(target, 1e3))  # visible: junk
+    (perfect,) = masked_cell_scores([junk], [target], [weight])
+    assert perfect.r2 == pytest.approx(1.0) and perfect.corr == pytest.approx(1.0)
+    assert perfect.cells == pytest.approx(float(w.sum()))
+    (flat,) = masked_cell_scores([mean.expand_as(target)], [target], [weight])
+    assert flat.r2 == pytest.approx(0.0, abs=1e-6)
+    assert flat.corr == pytest.approx(flat.corr_mean)
+    # halfway between the mean and the truth: SSE / 4, R² = 3/4
+    (half,) = masked_cell_scores([(junk + mean) / 2], [target], [weight])
+    assert half.r2 == pytest.approx(0.75, abs=1e-5)
+    # Pearson of one cell against a hand computation
+    one = torch.zeros(1, 6)
+    one[0, 0] = 1
+    pred = target.clone()
+    pred[0, 0] = torch.tensor([1.0, 2, 3, 4, 5])
+    (s,) = masked_cell_scores([pred[:1, :1]], [target[:1, :1]], [one[:, :1]])
+    expected = np.corrcoef(np.arange(1, 6), target[0, 0].numpy())[0, 1]
+    assert s.corr == pytest.approx(expected, abs=1e-6)
+
+
+# -- the picture -------------------------------------------------------------------------------
+
+
+def _forward(target: str, img_size: int, n: int = 2):
+    torch.manual_seed(0)
+    net = lmim.create_pretrainer("vit_test", target, img_size=img_size).eval()
+    photos = load_demo_images(["astronaut", "coffee", "brick"][:n])
+    images = torch.stack([pretrain_transform(img_size, (0.5, 1.0))(p) for p in photos])
+    mask = net.random_mask(n, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = net(images, mask)
+    return net, images, out
+
+
+def test_figures_leave_matplotlib_alone():
+    """Library figures are plain Figure objects: the backend (a notebook's inline display) and
+    pyplot's figure list stay as they were (the notebook test runs it under the inline backend)."""
+    import matplotlib.pyplot as plt
+
+    backend, figures = matplotlib.get_backend(), plt.get_fignums()
+    net, images, out = _forward("hog", 64)
+    fig = reconstruction_figure(images, out, net.tap_names, net.encoder.mask_grid, net.target)
+    assert isinstance(fig, matplotlib.figure.Figure)
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+    fig.savefig(Path(os.environ.get("TMPDIR", "/tmp")) / f"lmim_fig_{os.getpid()}.png")
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == figures
+
+
+def test_hog_panel_marks_masked_cells_and_shows_context():
+    """Masked cells lie on blue, visible ones on black; a prediction panel shows the prediction in
+    masked cells and the target, dimmed, in visible ones; both at the target's scale."""
+    grid, nbins, px = (1, 2), 9, 12
+    target = torch.zeros(2, 3 * nbins)
+    target[:, 4] = 1.0  # one orientation, first colour channel
+    pred = torch.zeros(2, 3 * nbins)
+    pred[:, 0] = 0.5
+    weight = torch.tensor([1.0, 0.0])
+    t = hog_panel(target, grid, nbins, px, vmax=1 / 3, weight=weight)
+    p = hog_panel(pred, grid, nbins, px, vmax=1 / 3, weight=weight, context=target)
+    corner = (0, 0)  # no stroke reaches a cell's corner
+    assert np.allclose(t[corner], MASKED_RGB) and np.allclose(t[0, px], 0)
+    # masked cell of the prediction: its own bin-0 stroke at half the target's brightness, on blue
+    stroke = 0.5
+    assert p[:, :px, 0].max() == pytest.approx(MASKED_RGB[0] * (1 - stroke) + stroke, abs=0.03)
+    assert not np.allclose(p[:, :px], t[:, :px])
+    # visible cell of the prediction: the target's stroke, dimmed
+    assert np.allclose(p[:, px:], 0.35 * t[:, px:], atol=1e-6)
+
+
+def test_hog_figure_enlarges_the_finest_tap_at_224px():
+    """At 224 px the finest tap has 56x56 cells; the figure adds an enlarged 8x8-cell window of it
+    (2x2 patches, outlined in the input) with the masked cells of that window on blue."""
+    net, images, out = _forward("hog", 224, n=1)
+    assert tuple(out.grids[0]) == (56, 56)
+    fig = reconstruction_figure(images, out, net.tap_names, net.encoder.mask_grid, net.target)
+    axes = fig.axes
+    assert len(axes) == 2 + 2 * 4 + 2
+    box = [p for p in axes[0].patches]
+    assert len(box) == 1 and box[0].get_width() == pytest.approx(2 * 16)
+    r0, c0 = zoom_window(out.mask[0], (14, 14), np.zeros((56, 56, 9)), 2)
+    zoom_t = axes[-2].get_images()[0].get_array()
+    assert zoom_t.shape[:2] == (8 * 32, 8 * 32)  # 32 px per cell: readable
+    # the window's masked cells are exactly the blue ones (looked up at cell corners)
+    mask = out.mask[0].reshape(14, 14).numpy()
+    r0, c0 = (round(box[0].get_y() + 0.5) // 16, round(box[0].get_x() + 0.5) // 16)
+    for i in range(8):
+        for j in range(8):
+            masked = mask[r0 + i // 4, c0 + j // 4]
+            corner = np.asarray(zoom_t[i * 32, j * 32])[:3]
+            assert np.allclose(corner, MASKED_RGB if masked else 0, atol=1e-6), (i, j)
+    # mostly masked, with a visible patch for context
+    assert 0 < mask[r0 : r0 + 2, c0 : c0 + 2].sum() < 4
+
+
+def test_zoom_window_prefers_mixed_structured_windows():
+    mask = torch.zeros(3, 3, dtype=torch.bool)
+    mask[0, :] = True  # top row masked
+    mask[2, 2] = True
+    target = np.zeros((6, 6, 9))
+    target[4:, 4:, 0] = 1.0  # structure in the bottom-right patch only
+    # windows with 2 masked patches: (0,0), (0,1); with 1: (1,1); all others fewer
+    assert zoom_window(mask.flatten(), (3, 3), target, 2) in {(0, 0), (0, 1)}
+    mask[:] = True
+    assert zoom_window(mask.flatten(), (3, 3), target, 2) == (1, 1)  # all masked: most structure
+
+
+def test_pixel_view_de_normalises_reconstructions():
+    """target=pixel: a prediction equal to the per-cell normalised target reconstructs the input
+    exactly, and the strip is masked | each tap's reconstruction (visible pasted) | original."""
+    net, images, out = _forward("pixel", 64)
+    assert isinstance(net.target, NormalizedPixels) and not isinstance(net.target, HOG)
+    for k, cell in enumerate(net.target.cell_sizes):
+        rec = pixel_reconstruction(images, out.targets[k], int(cell))
+        assert torch.allclose(rec, images, atol=1e-4), cell
+    perfect = type(out)(**{**out.__dict__, "preds": out.targets})
+    fig = reconstruction_figure(images, perfect, net.tap_names, net.encoder.mask_grid, net.target)
+    row = fig.axes[: 4 + 2]
+    original = row[-1].get_images()[0].get_array()
+    for ax in row[1:-1]:
+        np.testing.assert_allclose(ax.get_images()[0].get_array(), original, atol=1e-4)
+    masked = row[0].get_images()[0].get_array()
+    assert not np.allclose(masked, original)
+    assert [ax.get_title().split("\n")[0] for ax in row] == [
+        "masked input",
+        *(f"{n} reconstruction" for n in net.tap_names),
+        "original",
+    ]
+
+
+# -- a picture never costs a run (the real command line) ---------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_true_precisions_finish_with_checkpoint_and_picture(tmp_path, precision):
+    """Whole-model bf16 / float64 runs draw the picture in the module's dtype and exit 0 with
+    last.ckpt and last.png."""
+    run = tmp_path / "run"
+    proc = run_cli(*QUICK, f"trainer.precision={precision}", f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not drawn" not in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert matplotlib.image.imread(run / "reconstructions" / "last.png").shape[1] > 1000
+
+
+@pytest.mark.parametrize("how", ["raise", "blocked_dir"])
+def test_failing_picture_is_one_warning(tmp_path, how):
+    """A picture whose forward raises, or whose folder cannot be made, is one warning line; the run
+    exits 0 with its last.ckpt."""
+    run = tmp_path / "run"
+    extra = ["+callbacks.fault._target_=tests.test_figure.PreviewFault"]
+    if how == "blocked_dir":
+        (tmp_path / "blocker").write_text("a file where the folder should go")
+        extra = [f"callbacks.reconstruction.dirpath={tmp_path}/blocker/reconstructions"]
+    proc = run_cli(*QUICK, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [ln for ln in proc.stderr.splitlines() if "not drawn" in ln]
+    assert len(warnings) == 1, proc.stderr[-3000:]
+    expected = "injected failure" if how == "raise" else "blocker"
+    assert expected in warnings[0] and "second line" not in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert not (run / "reconstructions" / "last.png").exists()
+
+
+def test_checkpoint_is_written_before_the_picture(tmp_path):
+    """A process killed while drawing the final picture has already written last.ckpt of the
+    final step (Lightning runs checkpoint callbacks last; the picture lets them save first)."""
+    run = tmp_path / "run"
+    proc = run_cli(
+        *QUICK,
+        "+callbacks.fault._target_=tests.test_figure.PreviewFault",
+        "+callbacks.fault.how=exit",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+
+
+def test_ddp_every_rank_runs_the_preview_rank0_draws_once(tmp_path):
+    """Two gloo processes: both run the picture's forward (through the DDP wrapper, as FSDP
+    needs), rank 0 alone saves it, once, and the run exits 0."""
+    run = tmp_path / "run"
+    tiny = [o for o in QUICK if not o.startswith("trainer=")]
+    proc = run_cli(
+        *tiny,
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "+callbacks.count._target_=tests.test_figure.CountPreviews",
+        f"+callbacks.count.dirpath={run}",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(run / f"previews_rank{r}.txt").read_text() for r in (0, 1)] == ["1", "1"]
+    saved = [ln for ln in proc.stderr.splitlines() if "reconstruction picture:" in ln]
+    assert len(saved) == 1, proc.stderr[-3000:]
+    assert sorted(p.name for p in (run / "reconstructions").iterdir()) == ["last.png"]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
