@@ -245,7 +245,7 @@ def test_true_precisions_finish_with_checkpoint_and_picture(tmp_path, precision)
     run = tmp_path / "run"
     proc = run_cli(*QUICK, f"trainer.precision={precision}", f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "not drawn" not in proc.stderr
+    assert "not drawn" not in proc.stdout + proc.stderr
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert matplotlib.image.imread(run / "reconstructions" / "last.png").shape[1] > 1000
@@ -262,11 +262,13 @@ def test_failing_picture_is_one_warning(tmp_path, how):
         extra = [f"callbacks.reconstruction.dirpath={tmp_path}/blocker/reconstructions"]
     proc = run_cli(*QUICK, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [ln for ln in proc.stderr.splitlines() if "not drawn" in ln]
-    assert len(warnings) == 1, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr  # Hydra's console log goes to stdout
+    warnings = [ln for ln in output.splitlines() if "not drawn" in ln]
+    assert len(warnings) == 1, output[-3000:]
+    assert "WARNING" in warnings[0]
     expected = "injected failure" if how == "raise" else "blocker"
-    assert expected in warnings[0] and "second line" not in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert expected in warnings[0] and "second line" not in output
+    assert "Traceback" not in output
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
     assert not (run / "reconstructions" / "last.png").exists()
@@ -304,7 +306,8 @@ def test_ddp_every_rank_runs_the_preview_rank0_draws_once(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(run / f"previews_rank{r}.txt").read_text() for r in (0, 1)] == ["1", "1"]
-    saved = [ln for ln in proc.stderr.splitlines() if "reconstruction picture:" in ln]
-    assert len(saved) == 1, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    saved = [ln for ln in output.splitlines() if "reconstruction picture:" in ln]
+    assert len(saved) == 1, output[-3000:]
     assert sorted(p.name for p in (run / "reconstructions").iterdir()) == ["last.png"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
