@@ -21,6 +21,7 @@ from lmim.data.transforms import pretrain_transform
 from lmim.targets import HOG, NormalizedPixels
 from lmim.viz import (
     MASKED_RGB,
+    hog_glyphs,
     hog_panel,
     masked_cell_scores,
     pixel_reconstruction,
@@ -155,24 +156,29 @@ def test_figures_leave_matplotlib_alone():
 
 
 def test_hog_panel_marks_masked_cells_and_shows_context():
-    """Masked cells lie on blue, visible ones on black; a prediction panel shows the prediction in
-    masked cells and the target, dimmed, in visible ones; both at the target's scale."""
+    """Masked cells are bright on blue, visible ones dimmed on black; a prediction panel shows
+    the prediction in masked cells and the (dimmed) target in visible ones, at the target's
+    scale; a flat histogram (the average "star") draws nothing."""
     grid, nbins, px = (1, 2), 9, 12
     target = torch.zeros(2, 3 * nbins)
-    target[:, 4] = 1.0  # one orientation, first colour channel
+    target[:, 4] = 1.0  # one orientation, first colour channel: 1/3 after the colour mean
     pred = torch.zeros(2, 3 * nbins)
-    pred[:, 0] = 0.5
+    pred[:, 0] = 0.5  # half the target's strength
     weight = torch.tensor([1.0, 0.0])
     t = hog_panel(target, grid, nbins, px, vmax=1 / 3, weight=weight)
     p = hog_panel(pred, grid, nbins, px, vmax=1 / 3, weight=weight, context=target)
     corner = (0, 0)  # no stroke reaches a cell's corner
     assert np.allclose(t[corner], MASKED_RGB) and np.allclose(t[0, px], 0)
-    # masked cell of the prediction: its own bin-0 stroke at half the target's brightness, on blue
-    stroke = 0.5
-    assert p[:, :px, 0].max() == pytest.approx(MASKED_RGB[0] * (1 - stroke) + stroke, abs=0.03)
+    glyphs = hog_glyphs(nbins, px)  # a stroke's peak pixel is its glyph's
+    assert t[:, :px, 0].max() == pytest.approx(glyphs[4].max())  # masked: full brightness
+    assert t[:, px:, 0].max() == pytest.approx(0.45 * glyphs[4].max())  # visible: dimmed
+    # masked cell of the prediction: its own bin-0 stroke at half brightness, on blue
+    stroke = 0.5 * glyphs[0].max()
+    assert p[:, :px, 0].max() == pytest.approx(MASKED_RGB[0] * (1 - stroke) + stroke)
     assert not np.allclose(p[:, :px], t[:, :px])
-    # visible cell of the prediction: the target's stroke, dimmed
-    assert np.allclose(p[:, px:], 0.35 * t[:, px:], atol=1e-6)
+    np.testing.assert_allclose(p[:, px:], t[:, px:])  # visible: the target, as in its panel
+    flat = hog_panel(torch.full((2, 3 * nbins), 0.3), grid, nbins, px, 1 / 3, weight)
+    assert np.allclose(flat[:, :px], MASKED_RGB) and np.allclose(flat[:, px:], 0)
 
 
 def test_hog_figure_enlarges_the_finest_tap_at_224px():
@@ -311,3 +317,43 @@ def test_ddp_every_rank_runs_the_preview_rank0_draws_once(tmp_path):
     assert len(saved) == 1, output[-3000:]
     assert sorted(p.name for p in (run / "reconstructions").iterdir()) == ["last.png"]
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+# -- the demo learns, by value on held-out crops -----------------------------------------------
+
+
+def heldout_scores(checkpoint: Path, n: int = 64, seed: int = 12345) -> dict:
+    """Per tap :class:`lmim.viz.CellScores` of a demo checkpoint on ``n`` crops of the demo photos
+    that training did not see (augmentation seed ``seed``, not the run's) under a fixed mask."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    cfg = OmegaConf.create(ckpt["lmim_config"])
+    net = instantiate(cfg.model)
+    net.load_state_dict({k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
+    net.eval()
+    assert cfg.seed != seed
+    transform = pretrain_transform(cfg.data.img_size, tuple(cfg.data.crop_scale), cfg.data.hflip)
+    crops = TrainSet(RandomCrops(load_demo_images(cfg.data.images), n), transform, seed=seed)
+    images = torch.stack([crops[i][0] for i in range(n)])
+    mask = net.random_mask(n, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = net(images, mask)
+    scores = dict(zip(net.tap_names, masked_cell_scores(out.preds, out.targets, out.weights)))
+    for name, s in scores.items():
+        print(f"{name}: R² {s.r2:+.3f}, corr {s.corr:.3f} vs mean {s.corr_mean:.3f}")
+    return scores
+
+
+def _wandb_picture(run: Path) -> tuple[Path, dict]:
+    """The offline W&B run's logged picture file and the history row that references it."""
+    (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    history = read_wandb_file(wandb_file)
+    rows = [r for r in history.history if "reconstructions" in r]
+    assert len(rows) == 1
+    ref = rows[0]["reconstructions"]
+    assert ref["_type"] == "image-file" and ref["path"].endswith(".png")
+    media = wandb_file.parent / "files" / ref["path"]
+    assert history.summary["reconstructions"]["path"] == ref["path"]
+    return media, rows[0]

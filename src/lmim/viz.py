@@ -22,9 +22,9 @@ from lmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
 from lmim.targets.pixel import patchify, unpatchify
 
 # Background of masked cells in HOG panels (the cells the loss scores).
-MASKED_RGB = np.array([0.05, 0.22, 0.55])
-# Brightness of the visible (unscored) cells' targets pasted into a prediction panel.
-CONTEXT_DIM = 0.35
+MASKED_RGB = np.array([0.0, 0.1, 0.32])
+# Brightness of the strokes of visible (unscored) cells.
+CONTEXT_DIM = 0.45
 
 
 # -- how well masked cells are predicted -------------------------------------------------------
@@ -147,6 +147,7 @@ def hog_picture(
     nbins: int,
     cell_px: int = 12,
     vmax: float | None = None,
+    floor: bool = False,
 ) -> np.ndarray:
     """Render HOG cells as oriented strokes (brighter = stronger), averaged over colours.
 
@@ -157,11 +158,16 @@ def hog_picture(
         cell_px: rendered side of one cell.
         vmax: the bin value drawn at full brightness; None = the picture's largest. Give a
             target and its prediction the same ``vmax`` to compare their strengths.
+        floor: draw each bin's excess over the cell's weakest bin, i.e. the cell's oriented
+            part: a flat histogram (edges of every orientation, or a prediction of the average
+            histogram) is then a dark cell instead of an eight-pointed star.
 
     Returns:
         (h * cell_px, w * cell_px) float image in [0, 1].
     """
     f = hog_cells(feats, grid, nbins)
+    if floor:
+        f = f - f.min(axis=2, keepdims=True)
     h, w = grid
     # Max over bins, not sum: every glyph crosses the cell centre, and a sum would turn it into
     # a bright dot that hides the orientations.
@@ -170,6 +176,13 @@ def hog_picture(
     img = img.transpose(0, 2, 1, 3).reshape(h * cell_px, w * cell_px)
     top = float(img.max()) if vmax is None else float(vmax)
     return (img / top).clip(0, 1) if top > 0 else img
+
+
+def oriented_strength(feats: torch.Tensor | np.ndarray, grid: tuple[int, int], nbins: int) -> float:
+    """The largest bin excess over its cell's weakest bin: the full-brightness value of
+    ``hog_picture(..., floor=True)``."""
+    f = hog_cells(feats, grid, nbins)
+    return float((f - f.min(axis=2, keepdims=True)).max())
 
 
 def cell_map(values: torch.Tensor | np.ndarray, grid: tuple[int, int], cell_px: int) -> np.ndarray:
@@ -187,23 +200,24 @@ def hog_panel(
     weight: torch.Tensor,
     context: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """An RGB HOG picture whose masked cells lie on a blue background.
+    """An RGB HOG picture of the cells' oriented parts (``floor=True``): masked cells bright on
+    dark blue, visible cells dimmed on black.
 
     Args:
-        feats: (h * w, D) features drawn in the masked cells (and everywhere without context).
+        feats: (h * w, D) features drawn in the masked cells (and, dimmed, in the visible ones
+            unless ``context`` is given).
         grid, nbins, cell_px, vmax: as in :func:`hog_picture`.
         weight: (h * w,) loss weights; the blue is as strong as the weight.
-        context: (h * w, D) features drawn dimmed in the visible cells instead (a prediction
-            panel shows the target there: the decoder is not scored on them).
+        context: (h * w, D) features drawn (dimmed) in the visible cells instead: a prediction
+            panel shows the target there, since the decoder is not scored on them.
 
     Returns:
         (h * cell_px, w * cell_px, 3) float image in [0, 1].
     """
-    strokes = hog_picture(feats, grid, nbins, cell_px, vmax)
+    strokes = hog_picture(feats, grid, nbins, cell_px, vmax, floor=True)
+    seen = strokes if context is None else hog_picture(context, grid, nbins, cell_px, vmax, True)
     w = cell_map(weight, grid, cell_px).clip(0, 1)
-    if context is not None:
-        seen = CONTEXT_DIM * hog_picture(context, grid, nbins, cell_px, vmax)
-        strokes = np.where(w > 0, strokes, seen)
+    strokes = np.where(w > 0, strokes, CONTEXT_DIM * seen)
     bg = w[..., None] * MASKED_RGB
     return (bg * (1 - strokes[..., None]) + strokes[..., None]).clip(0, 1)
 
@@ -320,9 +334,11 @@ def reconstruction_figure(
     """Targets against predictions of a pre-training forward, one row per image.
 
     HOG targets: the input (the enlarged window outlined), the masked input, then per tap the
-    target and the prediction as oriented strokes, masked cells on blue (the prediction panel
-    shows the target dimmed in visible cells), both at the target's brightness scale, and last an
-    enlarged ``zoom x zoom``-patch window of the finest tap. Pixel targets: the familiar MAE
+    target and the prediction as strokes of each cell's oriented part (:func:`hog_picture` with
+    ``floor=True``; a prediction of the average histogram is dark), both at the target's
+    brightness scale, masked (scored) cells bright on blue, visible cells dimmed on black (the
+    prediction panel shows the target there), and last an enlarged ``zoom x zoom``-patch window
+    of the finest tap. Pixel targets: the familiar MAE
     strip, de-normalised: masked input, each tap's reconstruction with the visible patches
     pasted in, original.
 
@@ -385,7 +401,7 @@ def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, sco
             grid = tuple(out.grids[k])
             t, p = out.targets[k][b].detach().cpu(), out.preds[k][b].detach().cpu()
             w = out.weights[k][b].detach().cpu()
-            vmax = float(hog_cells(t, grid, nbins).max()) or 1.0
+            vmax = oriented_strength(t, grid, nbins) or 1.0
             cell_px = int(np.clip(round(288 / max(grid)), 5, 24))
             pics = (
                 hog_panel(t, grid, nbins, cell_px, vmax, w),
@@ -405,7 +421,7 @@ def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, sco
         cells = np.arange(fg[0] * fg[1]).reshape(fg)
         sel = torch.as_tensor(cells[r0 * s : (r0 + z) * s, c0 * s : (c0 + z) * s].reshape(-1))
         zg = (z * s, z * s)
-        vmax = float(hog_cells(t, fg, nbins).max()) or 1.0
+        vmax = oriented_strength(t, fg, nbins) or 1.0
         cell_px = int(np.clip(round(288 / zg[0]), 8, 32))
         pics = (
             hog_panel(t[sel], zg, nbins, cell_px, vmax, w[sel]),

@@ -58,8 +58,8 @@ class ReconstructionFigure(L.Callback):
         self.last_scores: dict[str, CellScores] = {}
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0:
+        n, epoch = self.every_n_epochs, trainer.current_epoch + 1
+        if n and epoch % n == 0 and epoch != trainer.max_epochs:  # the last: last.png
             self.draw_or_warn(trainer, pl_module, f"epoch_{trainer.current_epoch:04d}.png")
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
