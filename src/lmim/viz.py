@@ -123,6 +123,7 @@ def hog_glyphs(nbins: int, size: int) -> np.ndarray:
     """
     c = (size - 1) / 2.0
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) - c
+    half = max(1.0, size / 16)  # stroke half-width: strokes thicken with the cell, stay readable
     glyphs = np.zeros((nbins, size, size))
     for b in range(nbins):
         theta = (b + 0.5) * math.pi / nbins
@@ -130,7 +131,7 @@ def hog_glyphs(nbins: int, size: int) -> np.ndarray:
         gx, gy = math.sin(theta), math.cos(theta)
         dist = np.abs(xx * gx + yy * gy)  # distance from the edge line through the centre
         along = np.abs(-xx * gy + yy * gx)
-        glyphs[b] = np.clip(1.0 - dist, 0, 1) * (along <= c)
+        glyphs[b] = np.clip(half - dist, 0, 1) * (along <= c)
     return glyphs
 
 
@@ -178,11 +179,22 @@ def hog_picture(
     return (img / top).clip(0, 1) if top > 0 else img
 
 
-def oriented_strength(feats: torch.Tensor | np.ndarray, grid: tuple[int, int], nbins: int) -> float:
-    """The largest bin excess over its cell's weakest bin: the full-brightness value of
-    ``hog_picture(..., floor=True)``."""
-    f = hog_cells(feats, grid, nbins)
-    return float((f - f.min(axis=2, keepdims=True)).max())
+def oriented_scale(feats: Sequence[torch.Tensor], nbins: int, q: float = 99.0) -> float:
+    """The bin excess drawn at full brightness by ``hog_picture(..., floor=True)`` for a set of
+    pictures: the ``q``-th percentile over their cells of each cell's largest excess over its
+    weakest bin (a robust maximum; 1.0 when every cell is flat).
+
+    Args:
+        feats: (N_i, C * nbins) HOG features of cells (whole pictures or any selection).
+        nbins: orientation bins.
+        q: percentile.
+    """
+    peaks = []
+    for f in feats:
+        cells = hog_cells(f, (f.shape[0], 1), nbins)[:, 0]  # (N, nbins)
+        peaks.append((cells - cells.min(axis=1, keepdims=True)).max(axis=1))
+    top = float(np.percentile(np.concatenate(peaks), q)) if peaks else 0.0
+    return top if top > 1e-8 else 1.0
 
 
 def cell_map(values: torch.Tensor | np.ndarray, grid: tuple[int, int], cell_px: int) -> np.ndarray:
@@ -199,6 +211,7 @@ def hog_panel(
     vmax: float,
     weight: torch.Tensor,
     context: torch.Tensor | None = None,
+    context_vmax: float | None = None,
 ) -> np.ndarray:
     """An RGB HOG picture of the cells' oriented parts (``floor=True``): masked cells bright on
     dark blue, visible cells dimmed on black.
@@ -210,12 +223,17 @@ def hog_panel(
         weight: (h * w,) loss weights; the blue is as strong as the weight.
         context: (h * w, D) features drawn (dimmed) in the visible cells instead: a prediction
             panel shows the target there, since the decoder is not scored on them.
+        context_vmax: ``vmax`` of the context (default ``vmax``).
 
     Returns:
         (h * cell_px, w * cell_px, 3) float image in [0, 1].
     """
     strokes = hog_picture(feats, grid, nbins, cell_px, vmax, floor=True)
-    seen = strokes if context is None else hog_picture(context, grid, nbins, cell_px, vmax, True)
+    if context is None:
+        seen = strokes
+    else:
+        cv = vmax if context_vmax is None else context_vmax
+        seen = hog_picture(context, grid, nbins, cell_px, cv, floor=True)
     w = cell_map(weight, grid, cell_px).clip(0, 1)
     strokes = np.where(w > 0, strokes, CONTEXT_DIM * seen)
     bg = w[..., None] * MASKED_RGB
@@ -335,10 +353,12 @@ def reconstruction_figure(
 
     HOG targets: the input (the enlarged window outlined), the masked input, then per tap the
     target and the prediction as strokes of each cell's oriented part (:func:`hog_picture` with
-    ``floor=True``; a prediction of the average histogram is dark), both at the target's
-    brightness scale, masked (scored) cells bright on blue, visible cells dimmed on black (the
-    prediction panel shows the target there), and last an enlarged ``zoom x zoom``-patch window
-    of the finest tap. Pixel targets: the familiar MAE
+    ``floor=True``; a prediction of the average histogram is dark), masked (scored) cells bright
+    on blue, visible cells dimmed on black (the prediction panel shows the target there), and
+    last an enlarged ``zoom x zoom``-patch window of the finest tap. Each tap's targets share one
+    brightness scale, its predictions another (:func:`oriented_scale` over the masked cells):
+    predictions trained with MSE hedge towards the mean and are weaker, and the column title
+    gives the gain ``xN`` they are drawn with. Pixel targets: the familiar MAE
     strip, de-normalised: masked input, each tap's reconstruction with the visible patches
     pasted in, original.
 
@@ -383,9 +403,20 @@ def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, sco
     shown = denormalize(images.detach().float().cpu(), mean, std)
     fine = max(range(T), key=lambda k: out.grids[k][0] * out.grids[k][1])  # most cells
     fg = tuple(out.grids[fine])
+    targets = [[t.detach().float().cpu() for t in out.targets[k]] for k in range(T)]
+    preds = [[p.detach().float().cpu() for p in out.preds[k]] for k in range(T)]
+    weights = [[w.detach().float().cpu() for w in out.weights[k]] for k in range(T)]
+    # One brightness scale per tap and kind, shared by the rows: targets over all their cells,
+    # predictions over the masked cells they are scored on. MSE-trained predictions hedge
+    # towards the mean, so their oriented parts are weaker; the title gives the gain.
+    t_scale = [oriented_scale(targets[k], nbins) for k in range(T)]
+    p_scale = [
+        oriented_scale([p[w > 0] for p, w in zip(preds[k], weights[k], strict=True)], nbins, 95)
+        for k in range(T)
+    ]
     cols = 2 + 2 * T + 2
     panel = 1.45
-    fig = Figure(figsize=(panel * cols, panel * B + 0.75), layout="constrained")
+    fig = Figure(figsize=(panel * cols, panel * B + 0.8), layout="constrained")
     axes = fig.subplots(B, cols, squeeze=False)
     H, W = shown.shape[-2:]
     rows_p, cols_p = patch_grid
@@ -399,33 +430,34 @@ def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, sco
         _blank(ax[1], "masked input" if b == 0 else None)
         for k, name in enumerate(tap_names):
             grid = tuple(out.grids[k])
-            t, p = out.targets[k][b].detach().cpu(), out.preds[k][b].detach().cpu()
-            w = out.weights[k][b].detach().cpu()
-            vmax = oriented_strength(t, grid, nbins) or 1.0
+            t, p, w = targets[k][b], preds[k][b], weights[k][b]
             cell_px = int(np.clip(round(288 / max(grid)), 5, 24))
             pics = (
-                hog_panel(t, grid, nbins, cell_px, vmax, w),
-                hog_panel(p, grid, nbins, cell_px, vmax, w, context=t),
+                hog_panel(t, grid, nbins, cell_px, t_scale[k], w),
+                hog_panel(p, grid, nbins, cell_px, p_scale[k], w, t, t_scale[k]),
+            )
+            gain = t_scale[k] / p_scale[k]
+            labels = (
+                f"{name} target\n{grid[0]}x{grid[1]} HOG cells",
+                f"{name} prediction x{gain:.1f}{_score_label(scores, k)}",
             )
             for j, pic in enumerate(pics):
                 a = ax[2 + 2 * k + j]
                 a.imshow(pic, interpolation="antialiased")
-                what = "target" if j == 0 else "prediction" + _score_label(scores, k)
-                _blank(a, f"{name} {what}\n{grid[0]}x{grid[1]} HOG cells" if b == 0 else None)
+                _blank(a, labels[j] if b == 0 else None)
         # The enlarged window of the finest tap.
-        t, p = out.targets[fine][b].detach().cpu(), out.preds[fine][b].detach().cpu()
-        w = out.weights[fine][b].detach().cpu()
+        t, p, w = targets[fine][b], preds[fine][b], weights[fine][b]
         r0, c0 = zoom_window(mask, patch_grid, hog_cells(t, fg, nbins), zoom)
         z = min(zoom, rows_p, cols_p)
         s = fg[0] // rows_p
         cells = np.arange(fg[0] * fg[1]).reshape(fg)
         sel = torch.as_tensor(cells[r0 * s : (r0 + z) * s, c0 * s : (c0 + z) * s].reshape(-1))
         zg = (z * s, z * s)
-        vmax = oriented_strength(t, fg, nbins) or 1.0
         cell_px = int(np.clip(round(288 / zg[0]), 8, 32))
+        ts, ps = t_scale[fine], p_scale[fine]
         pics = (
-            hog_panel(t[sel], zg, nbins, cell_px, vmax, w[sel]),
-            hog_panel(p[sel], zg, nbins, cell_px, vmax, w[sel], context=t[sel]),
+            hog_panel(t[sel], zg, nbins, cell_px, ts, w[sel]),
+            hog_panel(p[sel], zg, nbins, cell_px, ps, w[sel], t[sel], ts),
         )
         for j, pic in enumerate(pics):
             a = ax[2 + 2 * T + j]
@@ -433,14 +465,17 @@ def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, sco
             for q in range(1, z):  # patch borders
                 a.axhline(q * s * cell_px - 0.5, color="0.6", lw=0.5)
                 a.axvline(q * s * cell_px - 0.5, color="0.6", lw=0.5)
-            what = "target" if j == 0 else "prediction"
+            what = "target" if j == 0 else f"prediction x{ts / ps:.1f}"
             label = f"{tap_names[fine]} {what},\nenlarged {zg[0]}x{zg[1]} cells"
             _blank(a, label if b == 0 else None)
         ph, pw = H / rows_p, W / cols_p
         box = Rectangle((c0 * pw - 0.5, r0 * ph - 0.5), z * pw, z * ph, fill=False, ec="yellow")
         ax[0].add_patch(box)
-    if title:
-        fig.suptitle(title, fontsize=8)
+    legend = (
+        "strokes: each cell's oriented part (bins above its weakest); masked cells (scored) on "
+        "blue, visible ones dimmed; predictions brightened xN to the targets' scale"
+    )
+    fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=8)
     return fig
 
 
