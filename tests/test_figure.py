@@ -340,20 +340,117 @@ def heldout_scores(checkpoint: Path, n: int = 64, seed: int = 12345) -> dict:
     mask = net.random_mask(n, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         out = net(images, mask)
-    scores = dict(zip(net.tap_names, masked_cell_scores(out.preds, out.targets, out.weights)))
+    per_tap = masked_cell_scores(out.preds, out.targets, out.weights)
+    scores = dict(zip(net.tap_names, per_tap, strict=True))
     for name, s in scores.items():
         print(f"{name}: R² {s.r2:+.3f}, corr {s.corr:.3f} vs mean {s.corr_mean:.3f}")
     return scores
 
 
-def _wandb_picture(run: Path) -> tuple[Path, dict]:
-    """The offline W&B run's logged picture file and the history row that references it."""
+def _printed_paths(stdout: str) -> dict[str, Path]:
+    """``key: path`` lines that ``python -m lmim.train`` prints at the end (rank 0)."""
+    keys = ("checkpoint", "metrics_csv", "figure")
+    return {
+        k: Path(v.strip())
+        for k, _, v in (ln.partition(": ") for ln in stdout.splitlines())
+        if k in keys
+    }
+
+
+def _check_wandb_pictures(run: Path, pngs: list[Path]) -> None:
+    """Every saved picture is media of the run's offline W&B run (the same bytes), each in a
+    history row; the summary references the last."""
     (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
-    history = read_wandb_file(wandb_file)
-    rows = [r for r in history.history if "reconstructions" in r]
-    assert len(rows) == 1
-    ref = rows[0]["reconstructions"]
-    assert ref["_type"] == "image-file" and ref["path"].endswith(".png")
-    media = wandb_file.parent / "files" / ref["path"]
-    assert history.summary["reconstructions"]["path"] == ref["path"]
-    return media, rows[0]
+    record = read_wandb_file(wandb_file)
+    assert record.exit_code == 0
+    rows = [r for r in record.history if "reconstructions/filenames" in r]
+    assert len(rows) == len(pngs)
+    for row, png in zip(rows, pngs, strict=True):
+        assert row["reconstructions/format"] == "png" and row["reconstructions/count"] == 1
+        (name,) = row["reconstructions/filenames"]
+        media = wandb_file.parent / "files" / name
+        assert media.read_bytes() == png.read_bytes(), (media, png)
+    assert record.summary["reconstructions/filenames"] == rows[-1]["reconstructions/filenames"]
+    r2 = [r["recon/r2_block1"] for r in record.history if "recon/r2_block1" in r]
+    assert len(r2) == len(pngs) and record.summary["recon/r2_block1"] == r2[-1]
+
+
+def test_short_demo_learns_beyond_the_mean_and_logs_its_pictures(tmp_path):
+    """The demo recipe shortened to 160 steps at a constant lr (the full demo is a slow test)
+    already predicts masked cells of crops it never saw better than the mean target, at every
+    tap; its pictures (one mid-run, the last) are saved, scored in metrics.csv and logged to the
+    offline W&B run as media.
+
+    Measured (seed 0, CPU): R² 0.043 / 0.096 / 0.128 / 0.167 for blocks 1 / 3 / 9 / 11; the
+    thresholds are about half of that (at this length the per-cell correlation beats the mean
+    target's clearly only for blocks 1-9, so it is left to the full demo's test).
+    """
+    run = tmp_path / "run"
+    proc = run_cli(
+        "experiment=demo",
+        "trainer.max_epochs=10",
+        "optim.min_lr=1e-3",  # = the peak lr: no decay in so short a run
+        "callbacks.reconstruction.every_n_epochs=5",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = _printed_paths(proc.stdout)
+    assert paths["figure"] == run / "reconstructions" / "last.png"
+    pngs = [run / "reconstructions" / "epoch_0004.png", paths["figure"]]
+    assert sorted(p.name for p in (run / "reconstructions").iterdir()) == [p.name for p in pngs]
+    _check_wandb_pictures(run, pngs)
+    scores = heldout_scores(paths["checkpoint"])
+    floors = {"block1": 0.02, "block3": 0.045, "block9": 0.06, "block11": 0.05}
+    for name, s in scores.items():
+        assert s.r2 > floors[name], (name, s)
+    with open(paths["metrics_csv"]) as f:
+        header = f.readline().strip().split(",")
+    assert {f"recon/r2_{k}" for k in floors} <= set(header)
+
+
+@pytest.mark.slow
+def test_make_demo_learns_visible_structure(tmp_path):
+    """``python -m lmim.train experiment=demo`` (what ``make demo`` runs) exits 0, prints where
+    it left its checkpoint, metrics and picture, and on 64 crops it never saw predicts the
+    masked cells of every tap clearly better than the mean target: R² well above 0 and a
+    per-cell correlation with the targets above the mean target's.
+
+    Measured (seed 0, CPU, 480 steps): R² 0.088 / 0.161 / 0.220 / 0.331 and correlation 0.20 /
+    0.27 / 0.33 / 0.43 against the mean target's 0.11 / 0.16 / 0.21 / 0.29 for blocks 1 / 3 /
+    9 / 11; the thresholds are about 60% of the R² and a 0.04 correlation margin. (On image
+    kinds it never saw, e.g. scikit-image's cell, page, logo, phantom, R² stays below 0: 16
+    photos and 480 steps teach these photos, not images in general.)
+    """
+    proc = run_cli("experiment=demo", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = _printed_paths(proc.stdout)
+    assert set(paths) == {"checkpoint", "metrics_csv", "figure"}
+    run = paths["checkpoint"].parents[1]
+    assert run.parent == tmp_path / "outputs" / "demo" / "runs"
+    assert paths["checkpoint"].name == "last.ckpt" and paths["figure"].name == "last.png"
+    assert all(p.is_file() for p in paths.values())
+    pngs = sorted((run / "reconstructions").glob("epoch_*.png")) + [paths["figure"]]
+    assert [p.name for p in pngs] == ["epoch_0009.png", "epoch_0019.png", "last.png"]
+    _check_wandb_pictures(run, pngs)
+    scores = heldout_scores(paths["checkpoint"])
+    floors = {"block1": 0.05, "block3": 0.09, "block9": 0.13, "block11": 0.19}
+    for name, s in scores.items():
+        assert s.r2 > floors[name], (name, s)
+        assert s.corr > s.corr_mean + 0.04, (name, s)
+
+
+@pytest.mark.slow
+def test_demo_with_pixel_targets_draws_the_pixel_strip(tmp_path):
+    """The README's ``experiment=demo target=pixel`` runs as written and saves the
+    masked / reconstruction / original strip."""
+    proc = run_cli(
+        "experiment=demo", "target=pixel", "trainer.enable_progress_bar=false", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figure = _printed_paths(proc.stdout)["figure"]
+    img = matplotlib.image.imread(figure)
+    assert img.shape[1] == round(100 * 1.6 * (4 + 2))  # six panels of 1.6 in at 100 dpi
+    scores = heldout_scores(_printed_paths(proc.stdout)["checkpoint"])
+    assert all(s.r2 > 0 for s in scores.values()), scores
