@@ -53,7 +53,7 @@ def test_committed_notebook_has_its_outputs():
     assert all(c.get("execution_count") for c in code)
     assert sum(len(_outputs(c, "image/png")) for c in code) == 3
     assert all(o.get("output_type") != "error" for c in code for o in c.get("outputs", []))
-    assert NOTEBOOK.stat().st_size < 1_500_000  # modest pictures
+    assert NOTEBOOK.stat().st_size < 800_000  # modest pictures
 
 
 if __name__ == "__main__":
