@@ -443,8 +443,12 @@ def test_make_demo_learns_visible_structure(tmp_path):
 
 @pytest.mark.slow
 def test_demo_with_pixel_targets_draws_the_pixel_strip(tmp_path):
-    """The README's ``experiment=demo target=pixel`` runs as written and saves the
-    masked / reconstruction / original strip."""
+    """The README's ``experiment=demo target=pixel`` runs as written, saves the masked /
+    reconstruction / original strip, and predicts held-out masked cells far better than the mean.
+
+    Measured (seed 0, CPU): R² 0.42 / 0.36 / 0.30 / 0.27, correlation 0.64 / 0.57 / 0.51 / 0.48
+    against the mean target's 0.30 / 0.24 / 0.19 / 0.16 for blocks 1 / 3 / 9 / 11.
+    """
     proc = run_cli(
         "experiment=demo", "target=pixel", "trainer.enable_progress_bar=false", cwd=tmp_path
     )
@@ -453,4 +457,7 @@ def test_demo_with_pixel_targets_draws_the_pixel_strip(tmp_path):
     img = matplotlib.image.imread(figure)
     assert img.shape[1] == round(100 * 1.6 * (4 + 2))  # six panels of 1.6 in at 100 dpi
     scores = heldout_scores(_printed_paths(proc.stdout)["checkpoint"])
-    assert all(s.r2 > 0 for s in scores.values()), scores
+    floors = {"block1": 0.25, "block3": 0.21, "block9": 0.18, "block11": 0.16}
+    for name, s in scores.items():
+        assert s.r2 > floors[name], (name, s)
+        assert s.corr > s.corr_mean + 0.15, (name, s)

@@ -507,6 +507,12 @@ def _pixel_figure(images, out, tap_names, patch_grid, target, mean, std, title, 
             _blank(ax[1 + k], label + _score_label(scores, k) if b == 0 else None)
         ax[-1].imshow(img, interpolation="nearest")
         _blank(ax[-1], "original" if b == 0 else None)
-    if title:
+    legend = (
+        "reconstructions: the predicted normalised cells, de-normalised with the mean and std of "
+        "the original's cells (as MAE shows them), visible patches pasted in"
+    )
+    if normalize:
+        fig.suptitle(f"{title}\n{legend}" if title else legend, fontsize=8)
+    elif title:
         fig.suptitle(title, fontsize=8)
     return fig
