@@ -78,21 +78,32 @@ class PreviewFault(L.Callback):
 
 
 class CountPreviews(L.Callback):
-    """Writes ``<dirpath>/previews_rank<r>.txt``: how many eval-mode forwards rank r ran."""
+    """Writes ``<dirpath>/previews_rank<r>.txt``: ``<eval-mode forwards of the net> <of them,
+    through the strategy's wrapper> <the wrapper's class>`` on rank r."""
 
     def __init__(self, dirpath: str) -> None:
         self.dirpath = Path(dirpath)
-        self.count = 0
+        self.net_calls = self.wrapped_calls = 0
+        self.wrapper = ""
 
     def setup(self, trainer, pl_module, stage) -> None:
-        pl_module.net.register_forward_hook(self._count)
+        self.net = pl_module.net
+        self.net.register_forward_hook(self._count_net)
 
-    def _count(self, module, args, out):
-        self.count += int(not module.training)
+    def on_train_start(self, trainer, pl_module) -> None:
+        model = trainer.strategy.model  # wrapped by now (DDP, the FSDP root, ...)
+        self.wrapper = type(model).__name__
+        model.register_forward_pre_hook(self._count_wrapped)
+
+    def _count_net(self, module, args, out):
+        self.net_calls += int(not module.training)
+
+    def _count_wrapped(self, module, args):
+        self.wrapped_calls += int(not self.net.training)
 
     def teardown(self, trainer, pl_module, stage) -> None:
         path = self.dirpath / f"previews_rank{trainer.global_rank}.txt"
-        path.write_text(str(self.count))
+        path.write_text(f"{self.net_calls} {self.wrapped_calls} {self.wrapper}")
 
 
 # -- scores ------------------------------------------------------------------------------------
@@ -311,7 +322,8 @@ def test_ddp_every_rank_runs_the_preview_rank0_draws_once(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [(run / f"previews_rank{r}.txt").read_text() for r in (0, 1)] == ["1", "1"]
+    counts = [(run / f"previews_rank{r}.txt").read_text() for r in (0, 1)]
+    assert counts == ["1 1 DistributedDataParallel"] * 2
     output = proc.stdout + proc.stderr
     saved = [ln for ln in output.splitlines() if "reconstruction picture:" in ln]
     assert len(saved) == 1, output[-3000:]
