@@ -30,6 +30,7 @@ from lmim.viz import (
 )
 from lmim.wandb_file import read_wandb_file
 from tests.conftest import TINY
+from tests.runs import cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny ViT on 32-px crops: one CLI run takes seconds.
@@ -45,7 +46,10 @@ QUICK = [
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    # OMP_NUM_THREADS stays the caller's: the demo-learning runs use both cores.
+    env = cli_env(OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", ""))
+    if not env["OMP_NUM_THREADS"]:
+        del env["OMP_NUM_THREADS"]
     return subprocess.run(
         [sys.executable, "-m", "lmim.train", *args],
         cwd=cwd,

@@ -511,7 +511,7 @@ def test_sharded_checkpoint_refused_by_name_when_broken(tmp_path):
     exported = cli(str(broken), cwd=tmp_path, module="lmim.export")
     assert exported.returncode == 2
     assert exported.stderr.strip().startswith(
-        f"lmim.export: error: {broken} is not a complete sharded checkpoint"
+        f"lmim: error: {broken} is not a complete sharded checkpoint"
     )
     with pytest.raises(ConfigError, match="not a readable checkpoint"):
         from lmim.train import read_checkpoint
