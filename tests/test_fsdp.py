@@ -97,6 +97,11 @@ def loss_rows(metrics_csv: Path) -> dict[int, float]:
         }
 
 
+def metric_rows(metrics_csv: Path, name: str) -> dict[int, float]:
+    with open(metrics_csv) as f:
+        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
 def meta(checkpoint: Path) -> dict:
     return torch.load(checkpoint / "meta.pt", map_location="cpu", weights_only=True)
 
@@ -213,14 +218,13 @@ def test_readme_fsdp_command_composes(tmp_path):
         "trainer.num_nodes=4",
         "data.root=/data/imagenet",
         "run_id=vitl-1",
-        "~callbacks.reconstruction",
         "print_config_only=true",
         f"hydra.run.dir={tmp_path}/run",
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "_target_: lmim.fsdp.FSDP2Strategy" in proc.stdout
-    assert "num_nodes: 4" in proc.stdout and "reconstruction" not in proc.stdout
+    assert "num_nodes: 4" in proc.stdout
 
 
 # -- atomic folders ----------------------------------------------------------------------------
@@ -281,8 +285,18 @@ def test_fsdp_vit_two_processes_equal_one_process_and_resume(tmp_path):
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
     from torch.distributed.checkpoint import FileSystemReader
 
-    # 2 epochs of 5 steps; last.ckpt every 3 steps: always mid-epoch.
-    common = [*RUN, "trainer.max_epochs=2", "callbacks.last_checkpoint.every_n_train_steps=3"]
+    # 2 epochs of 5 steps; last.ckpt every 3 steps: always mid-epoch. With the k-NN monitor and
+    # the reconstruction picture: their forwards go through the sharded root on every process.
+    common = [
+        *(o for o in RUN if o != "~callbacks.reconstruction"),
+        "trainer.max_epochs=2",
+        "callbacks.last_checkpoint.every_n_train_steps=3",
+        "callbacks=knn",
+        "callbacks.knn.train_limit=32",
+        "callbacks.knn.test_limit=16",
+        "callbacks.knn.batch_size=8",
+        "callbacks.reconstruction.every_n_epochs=0",
+    ]
     one = cli(*common, *ONE, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
     assert one.returncode == 0, one.stderr[-3000:]
     args = [*common, *FSDP, f"hydra.run.dir={tmp_path}/run"]
@@ -330,6 +344,15 @@ def test_fsdp_vit_two_processes_equal_one_process_and_resume(tmp_path):
     assert len(set(reference.values())) == 10  # the loss moves: the comparison is not vacuous
     for rows in (before, after):
         assert_losses_match(rows, {s: reference[s] for s in rows}, 1e-5)
+    # The k-NN score at the end of epoch 1, from features of the sharded encoder on both
+    # processes, equals the single process's; the picture is drawn once.
+    knn = {
+        k: metric_rows(d / "csv" / "metrics.csv", "val/knn_top1")
+        for k, d in (("one", tmp_path / "one"), ("run", tmp_path / "run"))
+    }
+    assert 9 in knn["one"] and knn["run"][9] == knn["one"][9]
+    assert (tmp_path / "run" / "reconstructions" / "last.png").is_file()
+    assert [p.name for p in (tmp_path / "run" / "reconstructions").iterdir()] == ["last.png"]
 
     out = tmp_path / "vit_fsdp.pth"
     exported = cli(str(last), "--out", str(out), cwd=tmp_path, module="lmim.export")

@@ -157,7 +157,7 @@ class LocalMIMModule(L.LightningModule):
             The model's output, or one (B, [1 +] N, D) tensor per tap.
         """
         if taps is not None:
-            return self.net.encoder(images, None, list(taps))
+            return self.net(images, features=taps)
         return self.net(images, mask)
 
     def configure_model(self) -> None:

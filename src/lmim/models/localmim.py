@@ -190,8 +190,9 @@ class LocalMIM(nn.Module):
         mask: torch.Tensor | None = None,
         from_random_mask: bool = False,
         shared_rows: bool | None = None,
-    ) -> LocalMIMOutput:
-        """One pre-training forward.
+        features: Sequence[int] | None = None,
+    ) -> LocalMIMOutput | list[torch.Tensor]:
+        """One pre-training forward, or with ``features`` the encoder's features.
 
         Args:
             images: (B, 3, H, W) ImageNet-normalised images.
@@ -205,11 +206,16 @@ class LocalMIM(nn.Module):
             shared_rows: with ``from_random_mask`` and ``share_mask``: whether every row is the
                 same mask (default True); False for rows of several groups' masks, which take
                 the per-sample path.
+            features: encoder layers, increasing: return their outputs for the whole images
+                (nothing masked; no targets or decoders). Through this module's own call, so
+                that a sharded root (FSDP) gathers the encoder's own parameters.
 
         Returns:
             :class:`LocalMIMOutput` with the total loss, per-tap losses, predictions, targets,
-            cell weights and the mask.
+            cell weights and the mask; with ``features``, one (B, [1 +] N, D) tensor per layer.
         """
+        if features is not None:
+            return self.encoder(images, None, list(features))
         num_keep = None
         shared = False
         if mask is None or from_random_mask:
