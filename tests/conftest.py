@@ -147,3 +147,14 @@ def _close_progress_bars():
 
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+@pytest.fixture(autouse=True)
+def _own_wandb_service():
+    """Commands a test starts get a W&B service of their own. An in-process W&B run (an earlier
+    test's) exports WANDB_SERVICE, the address of this process's service; a child inheriting it
+    would log through that shared service, where the stream of a run killed by a test stays
+    registered, and resuming that run id is then refused ("run ID ... is in use"), which a
+    fresh machine never sees."""
+    os.environ.pop("WANDB_SERVICE", None)
+    yield

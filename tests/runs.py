@@ -48,7 +48,7 @@ RESUMABLE = [
 def cli_env(**extra: str) -> dict[str, str]:
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # see conftest
         "PYTHONPATH": path,
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",

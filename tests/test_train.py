@@ -247,6 +247,9 @@ def test_cli_bad_value_one_line(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+# Slow: tests/test_reliability.py's 2-process run (same launch, losses equal to one process's,
+# so the same lr) and tests/test_multinode.py's 4-process run cover it in the fast suite.
+@pytest.mark.slow
 def test_ddp_two_cpu_processes(tmp_path):
     """trainer=ddp_cpu runs two gloo processes from the same command; the global batch (and so
     the lr and the images counted) doubles."""
