@@ -32,6 +32,7 @@ SMALL = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "~callbacks.reconstruction",
+    "callbacks.perf.count_flops=false",  # ~1.5 s a launch; counted in tests/test_budget.py
     "optim.warmup_steps=2",
     "optim.blr=1e-2",
 ]
@@ -46,9 +47,13 @@ RESUMABLE = [
 
 
 def cli_env(**extra: str) -> dict[str, str]:
+    """The environment of a command line started by a test: lmim and ``tests`` importable,
+    offline W&B, one thread, and none of the test process's W&B service (see conftest) or
+    ``HYDRA_FULL_ERROR`` (the one-line errors are what the tests read)."""
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    skip = ("WANDB_SERVICE", "HYDRA_FULL_ERROR")
     return {
-        **{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"},  # see conftest
+        **{k: v for k, v in os.environ.items() if k not in skip},
         "PYTHONPATH": path,
         "WANDB_MODE": "offline",
         "PYTHONUNBUFFERED": "1",
@@ -57,9 +62,96 @@ def cli_env(**extra: str) -> dict[str, str]:
     }
 
 
-def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+class Commands:
+    """Command lines started together, so that independent ones share the machine's cores
+    (most runs of the suite are one thread each), each read back (waited for) when a test asks
+    for it. Output goes to files, so that no process blocks on a full pipe.
+
+    Args:
+        folder: where each command's output files go.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.procs: dict[str, tuple[subprocess.Popen, Path, Path | None]] = {}
+        self.queued: list[tuple[str, str, tuple[str, ...], Path, bool, dict[str, str]]] = []
+
+    def add(
+        self, key: str, module: str, *args: str, cwd: Path, merge: bool = False, **env: str
+    ) -> None:
+        """Queue ``python -m <module> <args>`` in ``cwd`` (started by :meth:`start_all`);
+        ``merge`` sends stderr into stdout (one stream, in the order a terminal shows it)."""
+        self.queued.append((key, module, args, cwd, merge, env))
+
+    def start_all(self) -> None:
+        """Start every queued command (after their inputs are written: the commands compete
+        for the cores)."""
+        for key, module, args, cwd, merge, env in self.queued:
+            self.start(key, module, *args, cwd=cwd, merge=merge, **env)
+        self.queued = []
+
+    def start(
+        self, key: str, module: str, *args: str, cwd: Path, merge: bool = False, **env: str
+    ) -> None:
+        out, err = self.folder / f"{key}.out", None if merge else self.folder / f"{key}.err"
+        with open(out, "w") as fout, open(err or os.devnull, "w") as ferr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", module, *args],
+                cwd=cwd,
+                env=cli_env(**env),
+                stdout=fout,
+                stderr=subprocess.STDOUT if merge else ferr,
+                text=True,
+            )
+        self.procs[key] = (proc, out, err)
+
+    def result(self, key: str, timeout: float = 900) -> subprocess.CompletedProcess:
+        """The command's exit status and output, once it has ended."""
+        proc, out, err = self.procs[key]
+        proc.wait(timeout=timeout)
+        stderr = err.read_text() if err else ""
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), stderr)
+
+    def stop(self) -> None:
+        for proc, _, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def photo_folder(
+    root: Path,
+    splits: dict[str, int],
+    photos: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins"),
+    seed: int = 0,
+    size: int = 48,
+) -> Path:
+    """A small real ImageFolder: random crops of scikit-image's bundled photos saved as JPEGs
+    in ``<root>/<split>/<photo>/``, ``splits[split]`` per photo (no download)."""
+    import numpy as np
+
+    from lmim.data import load_demo_images
+
+    rng = np.random.default_rng(seed)
+    for name, img in zip(photos, load_demo_images(photos), strict=True):
+        w, h = img.size
+        for split, count in splits.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                side = int(rng.integers(min(w, h) // 4, min(w, h) // 2))
+                x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
+                crop = img.crop((x, y, x + side, y + side)).resize((size, size))
+                crop.save(folder / f"{split}_{i}.jpg", quality=90)
+    return root
+
+
+def cli(
+    *args: str, cwd: Path, module: str = "lmim.train", **env: str
+) -> subprocess.CompletedProcess:
+    """``python -m <module> <args>`` in ``cwd``, to its end (``env``: more variables)."""
     return subprocess.run(
-        [sys.executable, "-m", "lmim.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=cwd,
         env=cli_env(**env),
         capture_output=True,
@@ -68,10 +160,13 @@ def cli(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def start_cli(*args: str, cwd: Path, log: Path, **env: str) -> subprocess.Popen:
+def start_cli(
+    *args: str, cwd: Path, log: Path, module: str = "lmim.train", **env: str
+) -> subprocess.Popen:
+    """``python -m <module> <args>`` started in ``cwd``, stdout and stderr to ``log``."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "lmim.train", *args],
+            [sys.executable, "-m", module, *args],
             cwd=cwd,
             env=cli_env(**env),
             stdout=out,

@@ -5,121 +5,14 @@ processes, real Hydra, real files."""
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {
-        **os.environ,
-        "PYTHONPATH": path,
-        "WANDB_MODE": "offline",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        **extra,
-    }
-    env.pop("HYDRA_FULL_ERROR", None)
-    return env
-
-
-def run_cli(module: str, *args: str, cwd: Path, merge: bool = False) -> subprocess.CompletedProcess:
-    """``python -m <module> <args>`` in ``cwd``; ``merge`` sends stderr into stdout (one stream,
-    in the order a terminal shows it)."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT if merge else subprocess.PIPE,
-        text=True,
-        timeout=600,
-    )
-
-
-class Commands:
-    """Command lines started together, so that independent ones share the machine's cores,
-    each read back (waited for) when a test asks for it. Output goes to files, so that no
-    process blocks on a full pipe.
-
-    Args:
-        folder: where each command's output files go.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.procs: dict[str, tuple[subprocess.Popen, Path, Path | None]] = {}
-        self.queued: list[tuple[str, str, tuple[str, ...], Path, bool]] = []
-
-    def add(self, key: str, module: str, *args: str, cwd: Path, merge: bool = False) -> None:
-        """Queue a command line (started by :meth:`start_all`)."""
-        self.queued.append((key, module, args, cwd, merge))
-
-    def start_all(self) -> None:
-        """Start every queued command (after their inputs are written: the commands compete
-        for the cores)."""
-        for key, module, args, cwd, merge in self.queued:
-            self.start(key, module, *args, cwd=cwd, merge=merge)
-        self.queued = []
-
-    def start(self, key: str, module: str, *args: str, cwd: Path, merge: bool = False) -> None:
-        out, err = self.folder / f"{key}.out", None if merge else self.folder / f"{key}.err"
-        with open(out, "w") as fout, open(err or os.devnull, "w") as ferr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", module, *args],
-                cwd=cwd,
-                env=cli_env(),
-                stdout=fout,
-                stderr=subprocess.STDOUT if merge else ferr,
-                text=True,
-            )
-        self.procs[key] = (proc, out, err)
-
-    def result(self, key: str) -> subprocess.CompletedProcess:
-        proc, out, err = self.procs[key]
-        proc.wait(timeout=900)
-        stderr = err.read_text() if err else ""
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read_text(), stderr)
-
-    def stop(self) -> None:
-        for proc, _, _ in self.procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-
-
-def photo_folder(
-    root: Path,
-    splits: dict[str, int],
-    photos: tuple[str, ...] = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins"),
-    seed: int = 0,
-    size: int = 48,
-) -> Path:
-    """A small real ImageFolder: random crops of scikit-image's bundled photos saved as JPEGs
-    in ``<root>/<split>/<photo>/``, ``splits[split]`` per photo (no download)."""
-    from lmim.data import load_demo_images
-
-    rng = np.random.default_rng(seed)
-    for name, img in zip(photos, load_demo_images(photos), strict=True):
-        w, h = img.size
-        for split, count in splits.items():
-            folder = root / split / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                side = int(rng.integers(min(w, h) // 4, min(w, h) // 2))
-                x, y = int(rng.integers(0, w - side)), int(rng.integers(0, h - side))
-                crop = img.crop((x, y, x + side, y + side)).resize((size, size))
-                crop.save(folder / f"{split}_{i}.jpg", quality=90)
-    return root
+from tests.runs import Commands, photo_folder
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

@@ -19,7 +19,7 @@ from lmim.data.fashion_mnist import FashionMNISTDataModule
 from lmim.errors import ConfigError
 from lmim.evaluation import accuracy_metrics, extract_features, knn_accuracy
 from tests.conftest import needs_fmnist
-from tests.test_cli import Commands, photo_folder
+from tests.runs import Commands, photo_folder
 
 
 def separable(n_per_class: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

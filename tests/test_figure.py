@@ -30,7 +30,7 @@ from lmim.viz import (
 )
 from lmim.wandb_file import read_wandb_file
 from tests.conftest import TINY
-from tests.runs import cli_env
+from tests.runs import Commands, cli_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # The tiny ViT on 32-px crops: one CLI run takes seconds.
@@ -42,6 +42,7 @@ QUICK = [
     "trainer.max_steps=2",
     "trainer.max_epochs=-1",
     "trainer.enable_progress_bar=false",
+    "callbacks.perf.count_flops=false",
 ]
 
 
@@ -259,12 +260,49 @@ def test_pixel_view_de_normalises_reconstructions():
 # -- a picture never costs a run (the real command line) ---------------------------------------
 
 
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    """The short runs of this section, started at once (one thread each: they share the
+    cores), each in its own folder: ``(Commands, {key: run folder})``."""
+    base = tmp_path_factory.mktemp("quick")
+    cmds = Commands(base)
+    runs = {}
+
+    def add(key: str, *extra: str, args=QUICK) -> None:
+        cwd = base / key
+        cwd.mkdir()
+        runs[key] = cwd / "run"
+        cmds.add(key, "lmim.train", *args, *extra, f"hydra.run.dir={runs[key]}", cwd=cwd)
+
+    for precision in ("bf16-true", "64-true"):
+        add(precision, f"trainer.precision={precision}")
+    add("raise", "+callbacks.fault._target_=tests.test_figure.PreviewFault")
+    (base / "blocker").write_text("a file where the folder should go")
+    add("blocked_dir", f"callbacks.reconstruction.dirpath={base}/blocker/reconstructions")
+    add(
+        "exit",
+        "+callbacks.fault._target_=tests.test_figure.PreviewFault",
+        "+callbacks.fault.how=exit",
+    )
+    add(
+        "ddp",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "+callbacks.count._target_=tests.test_figure.CountPreviews",
+        f"+callbacks.count.dirpath={base}/ddp/run",
+        args=[o for o in QUICK if not o.startswith("trainer=")],
+    )
+    cmds.start_all()
+    yield cmds, runs
+    cmds.stop()
+
+
 @pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
-def test_true_precisions_finish_with_checkpoint_and_picture(tmp_path, precision):
+def test_true_precisions_finish_with_checkpoint_and_picture(quick_runs, precision):
     """Whole-model bf16 / float64 runs draw the picture in the module's dtype and exit 0 with
     last.ckpt and last.png."""
-    run = tmp_path / "run"
-    proc = run_cli(*QUICK, f"trainer.precision={precision}", f"hydra.run.dir={run}", cwd=tmp_path)
+    cmds, runs = quick_runs
+    proc, run = cmds.result(precision), runs[precision]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not drawn" not in proc.stdout + proc.stderr
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
@@ -273,15 +311,11 @@ def test_true_precisions_finish_with_checkpoint_and_picture(tmp_path, precision)
 
 
 @pytest.mark.parametrize("how", ["raise", "blocked_dir"])
-def test_failing_picture_is_one_warning(tmp_path, how):
+def test_failing_picture_is_one_warning(quick_runs, how):
     """A picture whose forward raises, or whose folder cannot be made, is one warning line; the run
     exits 0 with its last.ckpt."""
-    run = tmp_path / "run"
-    extra = ["+callbacks.fault._target_=tests.test_figure.PreviewFault"]
-    if how == "blocked_dir":
-        (tmp_path / "blocker").write_text("a file where the folder should go")
-        extra = [f"callbacks.reconstruction.dirpath={tmp_path}/blocker/reconstructions"]
-    proc = run_cli(*QUICK, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
+    cmds, runs = quick_runs
+    proc, run = cmds.result(how), runs[how]
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr  # Hydra's console log goes to stdout
     warnings = [ln for ln in output.splitlines() if "not drawn" in ln]
@@ -295,36 +329,21 @@ def test_failing_picture_is_one_warning(tmp_path, how):
     assert not (run / "reconstructions" / "last.png").exists()
 
 
-def test_checkpoint_is_written_before_the_picture(tmp_path):
+def test_checkpoint_is_written_before_the_picture(quick_runs):
     """A process killed while drawing the final picture has already written last.ckpt of the
     final step (Lightning runs checkpoint callbacks last; the picture lets them save first)."""
-    run = tmp_path / "run"
-    proc = run_cli(
-        *QUICK,
-        "+callbacks.fault._target_=tests.test_figure.PreviewFault",
-        "+callbacks.fault.how=exit",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
+    cmds, runs = quick_runs
+    proc, run = cmds.result("exit"), runs["exit"]
     assert proc.returncode == 3, proc.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == 2
 
 
-def test_ddp_every_rank_runs_the_preview_rank0_draws_once(tmp_path):
+def test_ddp_every_rank_runs_the_preview_rank0_draws_once(quick_runs):
     """Two gloo processes: both run the picture's forward (through the DDP wrapper, as FSDP
     needs), rank 0 alone saves it, once, and the run exits 0."""
-    run = tmp_path / "run"
-    tiny = [o for o in QUICK if not o.startswith("trainer=")]
-    proc = run_cli(
-        *tiny,
-        "trainer=ddp_cpu",
-        "trainer.devices=2",
-        "+callbacks.count._target_=tests.test_figure.CountPreviews",
-        f"+callbacks.count.dirpath={run}",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
+    cmds, runs = quick_runs
+    proc, run = cmds.result("ddp"), runs["ddp"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     counts = [(run / f"previews_rank{r}.txt").read_text() for r in (0, 1)]
     assert counts == ["1 1 DistributedDataParallel"] * 2

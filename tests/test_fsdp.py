@@ -34,8 +34,8 @@ from lmim.resume import (
     resume_checkpoint,
     temp_path_for,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests import runs
+from tests.runs import loss_rows
 
 # The 8-block test ViT with a narrow decoder at 32 px on two embedded photos: 40 samples make
 # one epoch of 5 steps of 8 images (2 processes x 4, or 1 x 8).
@@ -66,35 +66,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_env() -> dict[str, str]:
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    return {
-        **os.environ,
-        "PYTHONPATH": path,
-        "WANDB_MODE": "offline",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(free_port()),
-    }
+def master_env() -> dict[str, str]:
+    """Where a run that starts its own processes (``trainer=fsdp_cpu``) meets them."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
 
 def cli(*args: str, cwd: Path, module: str = "lmim.train") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def loss_rows(metrics_csv: Path) -> dict[int, float]:
-    with open(metrics_csv) as f:
-        return {
-            int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r["train/loss"]
-        }
+    return runs.cli(*args, cwd=cwd, module=module, **master_env())
 
 
 def metric_rows(metrics_csv: Path, name: str) -> dict[int, float]:
@@ -297,15 +275,17 @@ def test_fsdp_vit_two_processes_equal_one_process_and_resume(tmp_path):
         "callbacks.knn.batch_size=8",
         "callbacks.reconstruction.every_n_epochs=0",
     ]
-    one = cli(*common, *ONE, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path)
-    assert one.returncode == 0, one.stderr[-3000:]
+    # The reference runs beside the first FSDP launch (one thread each: they share the cores).
+    one = runs.start_cli(
+        *common, *ONE, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, log=tmp_path / "one.log"
+    )
     args = [*common, *FSDP, f"hydra.run.dir={tmp_path}/run"]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with open(tmp_path / "first.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lmim.train", *args],
             cwd=tmp_path,
-            env=cli_env(),
+            env=runs.cli_env(**master_env()),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # one process group: rank 0 and the rank it launched
@@ -319,6 +299,7 @@ def test_fsdp_vit_two_processes_equal_one_process_and_resume(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert one.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
     first_log = (tmp_path / "first.log").read_text()
     assert "FSDP: 12 shard units + the root over 2 processes" in first_log  # 8 + 4 blocks
     killed_at = meta(last)["global_step"]
@@ -492,7 +473,7 @@ def test_fsdp_sigkill_while_saving_keeps_last_and_rerun_resumes(tmp_path):
                 f"+callbacks.slow.marker={marker}",
             ],
             cwd=tmp_path,
-            env=cli_env(),
+            env=runs.cli_env(**master_env()),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # one process group: rank 0 and the rank it launched

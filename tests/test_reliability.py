@@ -94,14 +94,23 @@ io.save_checkpoint({{"step": 2, "slow": SlowToPickle()}}, {str(tmp_path / "last.
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    """The reference: the RESUMABLE run, never stopped; its final last.ckpt."""
+def uninterrupted(tmp_path_factory):
+    """The reference: the RESUMABLE run, never stopped, started here so that it runs beside the
+    first test's run (one thread each); a function returning its final last.ckpt once it has
+    ended."""
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = cli(*RESUMABLE, f"hydra.run.dir={tmp}/run", cwd=tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = start_cli(*RESUMABLE, f"hydra.run.dir={tmp}/run", cwd=tmp, log=tmp / "run.log")
     last = tmp / "run" / "checkpoints" / "last.ckpt"
-    assert load(last)["global_step"] == 12
-    return last
+
+    def finished() -> Path:
+        assert proc.wait(timeout=600) == 0, (tmp / "run.log").read_text()[-3000:]
+        assert load(last)["global_step"] == 12
+        return last
+
+    yield finished
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def test_sigkill_mid_epoch_then_rerun_resumes_to_same_weights(tmp_path, uninterrupted):
@@ -123,11 +132,12 @@ def test_sigkill_mid_epoch_then_rerun_resumes_to_same_weights(tmp_path, uninterr
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {last} (step {killed_at})" in again.stdout + again.stderr
     assert "settings changed" not in again.stdout + again.stderr
-    assert_same_weights(last, uninterrupted)
+    reference_last = uninterrupted()
+    assert_same_weights(last, reference_last)
     csv_dir = tmp_path / "run" / "csv"
     first, second = loss_rows(csv_dir / "metrics.part1.csv"), loss_rows(csv_dir / "metrics.csv")
     assert min(first) == 0 and min(second) == killed_at and max(second) == 11
-    reference = loss_rows(uninterrupted.parents[1] / "csv" / "metrics.csv")
+    reference = loss_rows(reference_last.parents[1] / "csv" / "metrics.csv")
     assert second == pytest.approx({s: reference[s] for s in second}, abs=1e-6)
 
 
@@ -163,7 +173,7 @@ def test_preemption_signal_saves_and_rerun_resumes(tmp_path, uninterrupted, sign
 
     again = cli(*args, cwd=tmp_path, **env)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_weights(last, uninterrupted)
+    assert_same_weights(last, uninterrupted())
 
 
 @pytest.mark.slow
@@ -476,6 +486,9 @@ def test_targets_and_loss_are_float32_under_bf16():
 # -- 4. multi-process ----------------------------------------------------------------------------
 
 
+# Slow: 4 processes on 2 "nodes" equal 1 process in the fast suite (tests/test_multinode.py), and
+# Lightning's own launcher of `trainer.devices=2` runs there in tests/test_figure.py.
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     """2 gloo processes x 4 images and 1 process x 8 images (same global batch, same data order,
     augmentation on) log the same global-batch losses over 5 steps, within 1e-5."""
