@@ -22,10 +22,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m lmim.train experiment=demo
 
-# The fast suite, with its 15 slowest tests; `make test-slow` runs the long checks (a wheel
-# build, the budget benchmark end to end, DDP preemption).
+# The fast suite, with its 15 slowest tests, in TEST_WORKERS processes (pytest-xdist; each takes
+# whole files, one thread each: tests/conftest.py); `make test-slow` runs the long checks (a wheel
+# build, the budget benchmark end to end, DDP preemption) one at a time.
+TEST_WORKERS ?= 2
 test: $(STAMP) fashion-mnist
-	$(PY) -m pytest -q -m "not slow" --durations=15
+	$(PY) -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow --durations=15

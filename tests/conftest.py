@@ -14,6 +14,14 @@ from omegaconf import DictConfig, open_dict
 
 from lmim.utils import config_dir
 
+# Under pytest-xdist (make test), each worker and every process it starts uses one thread:
+# OpenMP threads of two workers fighting over the same cores make CPU steps many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 # Tests never talk to the W&B servers: offline runs are real runs written to disk.
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
