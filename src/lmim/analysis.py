@@ -1,0 +1,194 @@
+"""What the encoder's attention does, layer by layer: the analysis of LocalMIM's section 5.
+
+* :func:`recorded_attention` makes timm's own attention modules compute their attention matrix
+  explicitly (``fused_attn`` off, for the analysis only) and records it through a forward hook on
+  their ``attn_drop``: no copy of the model, no re-implementation of attention.
+* :func:`attention_nmi`: the normalised mutual information between query and key positions of
+  one attention matrix (Park et al., "What do self-supervised ViTs learn?", ICLR 2023). Low at a
+  layer whose queries all look at the same keys; high where each query attends to its own.
+* :func:`attention_distance`: how far, in pixels, a query's attention reaches (the
+  attention-weighted mean distance to the keys).
+* :func:`analyze_encoder`: both, per layer, over a batch of images.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of ``model`` in definition order: modules with timm's
+    ``fused_attn`` switch and an ``attn_drop`` applied to the softmaxed attention (timm's
+    ``Attention``, as in ViT blocks, and Swin's ``WindowAttention``)."""
+    return [m for m in model.modules() if hasattr(m, "fused_attn") and hasattr(m, "attn_drop")]
+
+
+@contextmanager
+def recorded_attention(model: nn.Module) -> Iterator[list[list[torch.Tensor]]]:
+    """Record every attention matrix ``model`` computes inside the ``with`` block.
+
+    Yields:
+        One list per attention module (:func:`attention_modules` order), holding the
+        (B, heads, queries, keys) matrix of each call, detached. The modules' ``fused_attn``
+        settings are restored on exit; outputs are those of the explicit path (equal to the fused
+        one up to float rounding).
+    """
+    modules = attention_modules(model)
+    if not modules:
+        raise ValueError(
+            f"{type(model).__name__} has no timm attention module (a module with `fused_attn` "
+            "and `attn_drop`): pass a timm ViT/Swin or an lmim encoder"
+        )
+    records: list[list[torch.Tensor]] = [[] for _ in modules]
+    saved = [m.fused_attn for m in modules]
+    hooks = []
+    for i, m in enumerate(modules):
+        m.fused_attn = False
+
+        def keep(_module, _args, out, i=i):
+            records[i].append(out.detach())
+
+        hooks.append(m.attn_drop.register_forward_hook(keep))
+    try:
+        yield records
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, fused in zip(modules, saved, strict=True):
+            m.fused_attn = fused
+
+
+def _patch_attention(attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """``attn`` without the prefix tokens' rows and columns, each row renormalised to sum 1."""
+    attn = attn[..., num_prefix:, num_prefix:].double()
+    return attn / attn.sum(-1, keepdim=True).clamp_min(1e-300)
+
+
+def attention_nmi(attn: torch.Tensor, num_prefix: int = 0) -> torch.Tensor:
+    """Normalised mutual information between query and key positions, per image and head.
+
+    With the prefix tokens (cls, registers) removed and rows renormalised, A[q, k] is p(k | q);
+    queries are uniform, p(q) = 1/Q, so p(k) = mean_q A[q, k] and
+    I(Q; K) = sum_q sum_k p(q) A[q, k] log(A[q, k] / p(k)), NMI = I / sqrt(H(Q) H(K)).
+
+    Args:
+        attn: (..., Q, K) attention rows (softmax outputs).
+        num_prefix: leading tokens that are not patches.
+
+    Returns:
+        (...) NMI in [0, 1]: 0 when every query attends alike (or all to one key: H(K) = 0),
+        1 when each query attends to a key of its own.
+    """
+    a = _patch_attention(attn, num_prefix)
+    q = a.shape[-2]
+    p_k = a.mean(-2)  # (..., K)
+    ratio = torch.where(a > 0, a / p_k.unsqueeze(-2).clamp_min(1e-300), torch.ones_like(a))
+    mutual = (a * ratio.log()).sum((-2, -1)) / q
+    h_k = -(p_k * torch.where(p_k > 0, p_k.log(), torch.zeros_like(p_k))).sum(-1)
+    h_q = math.log(q)
+    denom = (h_q * h_k).sqrt()
+    return torch.where(denom > 0, mutual / denom.clamp_min(1e-300), torch.zeros_like(mutual))
+
+
+def attention_distance(
+    attn: torch.Tensor, grid: tuple[int, int], patch_size: int, num_prefix: int = 0
+) -> torch.Tensor:
+    """Attention-weighted mean distance in pixels from each query patch to the key patches,
+    averaged over queries, per image and head.
+
+    Args:
+        attn: (..., Q, K) attention over a (rows, cols) = ``grid`` of patches in raster order
+            (after ``num_prefix`` leading tokens).
+        grid: patch rows and columns.
+        patch_size: patch side in pixels (distances between patch centres).
+        num_prefix: leading tokens that are not patches.
+
+    Returns:
+        (...) mean attention distance in pixels.
+    """
+    a = _patch_attention(attn, num_prefix)
+    rows, cols = grid
+    if a.shape[-1] != rows * cols or a.shape[-2] != rows * cols:
+        raise ValueError(
+            f"attention over {a.shape[-2]} x {a.shape[-1]} patches, but a {rows}x{cols} grid "
+            f"has {rows * cols}: check num_prefix and grid"
+        )
+    yy, xx = torch.meshgrid(
+        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
+        indexing="ij",
+    )  # fmt: skip
+    pos = torch.stack([yy.flatten(), xx.flatten()], -1) * patch_size
+    dist = torch.cdist(pos, pos).to(a.device)  # (L, L)
+    return (a * dist).sum(-1).mean(-1)
+
+
+def patch_layout(encoder: nn.Module) -> tuple[int, tuple[int, int], int]:
+    """``(num_prefix, grid, patch_size)`` of a ViT-like encoder (timm's ``PatchEmbed``: its
+    ``grid_size`` and ``patch_size``; the prefix tokens are ``num_prefix_tokens``, or the cls
+    token when the encoder has one)."""
+    embed = getattr(encoder, "patch_embed", None)
+    if embed is None or not hasattr(embed, "grid_size"):
+        raise ValueError(
+            f"{type(encoder).__name__} has no timm patch_embed with a grid_size: pass grid, "
+            "patch_size and num_prefix yourself"
+        )
+    prefix = getattr(encoder, "num_prefix_tokens", None)
+    if prefix is None:
+        prefix = int(getattr(encoder, "cls_token", None) is not None)
+    rows, cols = (int(v) for v in embed.grid_size)
+    return int(prefix), (rows, cols), int(embed.patch_size[0])
+
+
+@torch.no_grad()
+def analyze_encoder(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    num_prefix: int | None = None,
+    grid: tuple[int, int] | None = None,
+    patch_size: int | None = None,
+) -> dict[str, list]:
+    """Per-layer NMI and attention distance of a columnar (global-attention) encoder.
+
+    The encoder runs once on ``images`` (eval mode, nothing masked); each block's attention is
+    scored per image and head, averaged over images, then over heads.
+
+    Args:
+        encoder: called as ``encoder(images)``; a timm ViT or an lmim ``MaskedViT`` (which then
+            returns its last block only: every block still runs).
+        images: (B, C, H, W) normalised images.
+        num_prefix, grid, patch_size: leading non-patch tokens, patch rows and columns, patch
+            side in pixels; by default those of the encoder (:func:`patch_layout`).
+
+    Returns:
+        ``nmi`` and ``distance`` (pixels): one value per attention module, in depth order, and
+        ``nmi_per_head`` / ``distance_per_head``: per module, one value per head.
+    """
+    if num_prefix is None or grid is None or patch_size is None:
+        prefix0, grid0, patch0 = patch_layout(encoder)
+        num_prefix = prefix0 if num_prefix is None else num_prefix
+        grid = grid0 if grid is None else grid
+        patch_size = patch0 if patch_size is None else patch_size
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with recorded_attention(encoder) as records:
+            encoder(images)
+    finally:
+        encoder.train(was_training)
+    out: dict[str, list] = {"nmi": [], "distance": [], "nmi_per_head": [], "distance_per_head": []}
+    for calls in records:
+        if not calls:
+            continue  # a block the forward did not reach
+        attn = torch.cat(calls)  # (B, H, N, N)
+        nmi = attention_nmi(attn, num_prefix).mean(0)
+        dist = attention_distance(attn, grid, patch_size, num_prefix).mean(0)
+        out["nmi_per_head"].append(nmi.tolist())
+        out["distance_per_head"].append(dist.tolist())
+        out["nmi"].append(float(nmi.mean()))
+        out["distance"].append(float(dist.mean()))
+    return out

@@ -1,0 +1,149 @@
+"""The attention analysis (lmim.analysis) by value: NMI and attention distance on matrices whose
+answer is known, against a loop over the definition, and attention recorded from timm's own
+blocks equal to the attention computed by hand from their weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from lmim import create_pretrainer
+from lmim.analysis import (
+    analyze_encoder,
+    attention_distance,
+    attention_modules,
+    attention_nmi,
+    patch_layout,
+    recorded_attention,
+)
+
+
+def nmi_by_loops(attn: list[list[float]]) -> float:
+    """The definition, one term at a time (p(q) uniform, p(k) = mean_q A[q, k])."""
+    q, k = len(attn), len(attn[0])
+    rows = [[a / sum(row) for a in row] for row in attn]
+    p_k = [sum(rows[i][j] for i in range(q)) / q for j in range(k)]
+    mutual = sum(
+        rows[i][j] / q * math.log(rows[i][j] / p_k[j])
+        for i in range(q)
+        for j in range(k)
+        if rows[i][j] > 0
+    )
+    h_k = -sum(p * math.log(p) for p in p_k if p > 0)
+    return mutual / math.sqrt(math.log(q) * h_k)
+
+
+def test_nmi_of_known_attention():
+    """Uniform rows: 0; each query on a key of its own: 1; all queries on one key: 0 (H(K) = 0);
+    two groups of two queries, each spread over its group's two keys: log 2 / log 4 = 0.5."""
+    n = 6
+    assert attention_nmi(torch.full((n, n), 1 / n)).item() == pytest.approx(0, abs=1e-12)
+    assert attention_nmi(torch.eye(n)).item() == pytest.approx(1, abs=1e-12)
+    perm = torch.eye(n)[torch.randperm(n, generator=torch.Generator().manual_seed(0))]
+    assert attention_nmi(perm).item() == pytest.approx(1, abs=1e-12)
+    one_key = torch.zeros(n, n)
+    one_key[:, 2] = 1
+    assert attention_nmi(one_key).item() == 0
+    groups = torch.tensor([[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]])
+    assert attention_nmi(groups).item() == pytest.approx(0.5, abs=1e-12)
+
+
+def test_nmi_equals_the_definition_and_drops_prefix_tokens():
+    """Random softmax rows with a cls token: per image and head, the NMI over patches (cls row
+    and column removed, rows renormalised) equals the loop over the definition."""
+    g = torch.Generator().manual_seed(1)
+    attn = (torch.randn(2, 3, 10, 10, generator=g) * 2).softmax(-1)
+    got = attention_nmi(attn, num_prefix=1)
+    assert got.shape == (2, 3)
+    for b in range(2):
+        for h in range(3):
+            patches = attn[b, h, 1:, 1:].double().tolist()
+            assert got[b, h].item() == pytest.approx(nmi_by_loops(patches), rel=1e-9)
+    assert got.min() > 0 and got.max() < 1
+
+
+def test_attention_distance_by_value():
+    """2x2 patches of 16 px: attending to itself is 0 px away; to the patch on its right
+    (or left), 16 px; uniform attention, (0 + 16 + 16 + 16 sqrt 2) / 4 px."""
+    assert attention_distance(torch.eye(4), (2, 2), 16).item() == 0
+    right = torch.tensor([[0.0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]])
+    assert attention_distance(right, (2, 2), 16).item() == pytest.approx(16)
+    uniform = torch.full((4, 4), 0.25)
+    expected = (0 + 16 + 16 + 16 * math.sqrt(2)) / 4
+    assert attention_distance(uniform, (2, 2), 16).item() == pytest.approx(expected)
+    with_cls = torch.zeros(5, 5)
+    with_cls[:, 0] = 0.5
+    with_cls[1:, 1:] = 0.125  # half on cls, the rest uniform over the patches
+    got = attention_distance(with_cls, (2, 2), 16, num_prefix=1)
+    assert got.item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="num_prefix and grid"):
+        attention_distance(with_cls, (2, 2), 16)
+
+
+def test_recorded_attention_is_the_blocks_own():
+    """A timm Block inside recorded_attention: the recorded matrix is softmax(q k^T / sqrt(d))
+    from the block's own qkv weights, the block's output is the fused path's, and afterwards
+    the block is as before (fused_attn restored, no hook left)."""
+    torch.manual_seed(0)
+    block = Block(dim=32, num_heads=4).eval()
+    attn = block.attn
+    fused = attn.fused_attn
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        plain = block(x)
+        with recorded_attention(block) as records:
+            explicit = block(x)
+        q, k, _ = attn.qkv(block.norm1(x)).reshape(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    (calls,) = records
+    (recorded,) = calls
+    by_hand = (q @ k.transpose(-2, -1) / math.sqrt(8)).softmax(-1)
+    assert recorded.shape == (2, 4, 7, 7)
+    torch.testing.assert_close(recorded, by_hand)
+    torch.testing.assert_close(explicit, plain, atol=1e-5, rtol=1e-5)
+    assert attn.fused_attn == fused and not attn.attn_drop._forward_hooks
+
+
+def test_uniform_attention_encoder_scores_zero_nmi_and_the_mean_distance():
+    """An lmim ViT whose q and k projections are zero attends uniformly at every block: NMI 0
+    at each of its 8 layers and the mean pairwise distance of its 4x4 patch grid."""
+    encoder = create_pretrainer("vit_test", img_size=64).encoder
+    assert patch_layout(encoder) == (1, (4, 4), 16)
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.attn.qkv.weight[: 2 * 64].zero_()
+            block.attn.qkv.bias[: 2 * 64].zero_()
+    out = analyze_encoder(encoder, torch.randn(3, 3, 64, 64))
+    assert len(out["nmi"]) == encoder.depth == 8
+    assert out["nmi"] == pytest.approx([0] * 8, abs=1e-9)
+    centres = [(r * 16, c * 16) for r in range(4) for c in range(4)]
+    mean = sum(math.dist(a, b) for a in centres for b in centres) / 16**2
+    assert out["distance"] == pytest.approx([mean] * 8)
+    assert all(len(h) == 2 for h in out["nmi_per_head"])  # vit_test: 2 heads
+    assert encoder.training  # left as found
+
+
+def test_trained_like_attention_differs_by_layer():
+    """With random weights the layers' scores differ (the analysis reads each block), lie in
+    [0, 1] and within the grid's largest distance."""
+    torch.manual_seed(0)
+    encoder = create_pretrainer("vit_test", img_size=64).encoder.eval()
+    out = analyze_encoder(encoder, torch.randn(2, 3, 64, 64), 1, (4, 4), 16)
+    assert len(set(out["nmi"])) == 8
+    assert all(0 <= v <= 1 for v in out["nmi"])
+    assert all(0 <= d <= 16 * 3 * math.sqrt(2) for d in out["distance"])
+
+
+def test_a_model_without_attention_is_refused():
+    """A module without timm attention, or without a patch grid, is refused naming the fix."""
+    with (
+        pytest.raises(ValueError, match="timm ViT/Swin or an lmim encoder"),
+        recorded_attention(nn.Linear(2, 2)),
+    ):
+        pass
+    with pytest.raises(ValueError, match="pass grid, patch_size and num_prefix"):
+        analyze_encoder(Block(dim=8, num_heads=2), torch.randn(1, 5, 8))
+    assert len(attention_modules(create_pretrainer("vit_test", img_size=64).encoder)) == 8
