@@ -4,8 +4,11 @@ blocks equal to the attention computed by hand from their weights."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 from timm.models.vision_transformer import Block
@@ -20,6 +23,7 @@ from lmim.analysis import (
     patch_layout,
     recorded_attention,
 )
+from tests import runs
 
 
 def nmi_by_loops(attn: list[list[float]]) -> float:
@@ -147,3 +151,67 @@ def test_a_model_without_attention_is_refused():
     with pytest.raises(ValueError, match="pass grid, patch_size and num_prefix"):
         analyze_encoder(Block(dim=8, num_heads=2), torch.randn(1, 5, 8))
     assert len(attention_modules(create_pretrainer("vit_test", img_size=64).encoder)) == 8
+
+
+# -- python -m lmim.analyze ----------------------------------------------------------------------
+
+
+def test_readme_analysis_of_a_demo_checkpoint_and_a_random_baseline(make_cfg, tmp_path):
+    """The README's ``python -m lmim.analyze checkpoints=[<demo last.ckpt>] init_model=vit_tiny``
+    (the demo recipe cut to 2 steps): analysis.json holds, per encoder, 12 per-layer NMI and
+    distance values, the checkpoint's equal to the analysis of its encoder on the same val
+    images; both figures are written and their paths printed."""
+    from lmim.analyze import val_images
+    from lmim.export import load_pretrainer
+    from lmim.train import train
+
+    demo = ["experiment=demo", "trainer.max_steps=2", "~callbacks.reconstruction", "logger=csv"]
+    ckpt = Path(train(make_cfg([*demo, "data.num_workers=0"]))["checkpoint"])
+    run = tmp_path / "analysis"
+    args = [f"checkpoints=[{ckpt}]", "init_model=vit_tiny"]
+    proc = runs.cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, module="lmim.analyze")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("analysis.json", "nmi.png", "attention_distance.png"):
+        assert f": {run / name}" in proc.stdout
+    record = json.loads((run / "analysis.json").read_text())
+    assert record["num_images"] == 32 and record["img_size"] == 96
+    label = ckpt.parent.parent.name
+    assert list(record["encoders"]) == [label, "vit_tiny (random init)"]
+    for r in record["encoders"].values():
+        assert len(r["nmi"]) == len(r["distance"]) == 12
+        assert len(r["nmi_per_head"][0]) == 3  # ViT-Ti: 3 heads
+    images = val_images(make_cfg(args, config_name="analyze"))
+    expected = analyze_encoder(load_pretrainer(ckpt).encoder, images)
+    assert record["encoders"][label]["nmi"] == pytest.approx(expected["nmi"], rel=1e-6)
+    assert record["encoders"][label]["distance"] == pytest.approx(expected["distance"], rel=1e-6)
+    assert matplotlib.image.imread(run / "nmi.png").shape[1] > 300
+
+
+def test_readme_analysis_of_a_random_baseline(tmp_path):
+    """``python -m lmim.analyze init_model=vit_tiny data=demo``, as the README shows it."""
+    run = tmp_path / "run"
+    proc = runs.cli(
+        "init_model=vit_tiny", "data=demo", f"hydra.run.dir={run}", cwd=tmp_path,
+        module="lmim.analyze",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run / "analysis.json").read_text())
+    (scores,) = record["encoders"].values()
+    assert len(scores["nmi"]) == 12 and all(0 < v < 1 for v in scores["nmi"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "lmim: error: nothing to analyze: pass checkpoints=[path/to/last.ckpt,...]"),
+        (
+            ["init_model=swin_test", "data.img_size=64"],
+            "lmim: error: swin_test (random init): lmim.analyze reads columnar encoders (ViT)",
+        ),
+    ],
+)
+def test_analyze_refuses_in_one_line(tmp_path, args, message):
+    proc = runs.cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, module="lmim.analyze")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]

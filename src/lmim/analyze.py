@@ -1,0 +1,122 @@
+"""Attention analysis of frozen encoders, as in LocalMIM's section 5:
+``python -m lmim.analyze checkpoints=[a.ckpt,b.ckpt] data=...``.
+
+Per encoder (each checkpoint, and ``init_model`` for a random-init baseline) and per layer: the
+normalised mutual information between query and key patches and the mean attention distance
+(:mod:`lmim.analysis`), on ``num_images`` images of the data group's val split. Writes
+``analysis.json``, ``nmi.png`` and ``attention_distance.png`` (one line per encoder against depth)
+into the run folder and prints their paths. Columnar encoders (ViT) only so far.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from lmim.cli import hydra_entry
+from lmim.errors import ConfigError
+
+log = logging.getLogger("lmim")
+
+
+def val_images(cfg: DictConfig) -> torch.Tensor:
+    """The first ``num_images`` images of the data group's val split (eval transform)."""
+    from lmim.evaluation import labelled_datamodule
+
+    dm = labelled_datamodule(cfg)
+    batches, n = [], 0
+    for images, _ in dm.eval_dataloader("val", limit=cfg.num_images):
+        batches.append(images)
+        n += len(images)
+    if not n:
+        raise ConfigError("the val split holds no image: check data.root (or data=demo)")
+    return torch.cat(batches)[: cfg.num_images]
+
+
+def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
+    """``{label: encoder}``: each checkpoint (labelled by its run folder), then ``init_model``."""
+    from lmim.linprobe import load_encoder
+    from lmim.models.vit import MaskedViT
+
+    found: dict[str, torch.nn.Module] = {}
+    for path in cfg.checkpoints or []:
+        p = Path(str(path))
+        run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
+        label = run if run and run not in found else str(p)
+        found[label] = load_encoder(str(p), None, cfg.data.img_size)
+    if cfg.init_model:
+        found[f"{cfg.init_model} (random init)"] = load_encoder(
+            None, cfg.init_model, cfg.data.img_size
+        )
+    if not found:
+        raise ConfigError(
+            "nothing to analyze: pass checkpoints=[path/to/last.ckpt,...] (from lmim.train) "
+            "and/or init_model=<model name> for a random-init baseline"
+        )
+    for label, enc in found.items():
+        if not isinstance(enc, MaskedViT):
+            raise ConfigError(
+                f"{label}: lmim.analyze reads columnar encoders (ViT) so far, not "
+                f"{type(enc).__name__}: Swin's windowed attention is not analysed yet"
+            )
+    return found
+
+
+def plot(results: dict[str, dict[str, Any]], key: str, ylabel: str, path: Path) -> None:
+    """One line per encoder: ``results[label][key]`` against the layer (1 = lowest block)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, r in results.items():
+        ax.plot(range(1, len(r[key]) + 1), r[key], marker="o", label=label)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=120)
+
+
+def analyze(cfg: DictConfig) -> dict[str, Any]:
+    """Score every encoder; write the JSON and the two figures; return their paths."""
+    from lmim.analysis import analyze_encoder
+
+    nets = encoders(cfg)
+    images = val_images(cfg)
+    results = {}
+    for label, enc in nets.items():
+        results[label] = analyze_encoder(enc, images)
+        log.info("%s: NMI per layer %s", label, [round(v, 3) for v in results[label]["nmi"]])
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "analysis": out / "analysis.json",
+        "nmi": out / "nmi.png",
+        "attention_distance": out / "attention_distance.png",
+    }
+    record = {"num_images": len(images), "img_size": cfg.data.img_size, "encoders": results}
+    paths["analysis"].write_text(json.dumps(record, indent=1))
+    plot(results, "nmi", "NMI (query; key)", paths["nmi"])
+    plot(results, "distance", "mean attention distance (px)", paths["attention_distance"])
+    return paths
+
+
+@hydra_entry("analyze")
+def main(cfg: DictConfig) -> None:
+    from lmim.cli import fail
+
+    try:
+        paths = analyze(cfg)
+    except ConfigError as err:
+        fail(str(err))
+    for key, path in paths.items():
+        print(f"{key}: {path}")
+
+
+if __name__ == "__main__":
+    main()
