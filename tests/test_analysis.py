@@ -156,19 +156,27 @@ def test_a_model_without_attention_is_refused():
 # -- python -m lmim.analyze ----------------------------------------------------------------------
 
 
-def test_readme_analysis_of_a_demo_checkpoint_and_a_random_baseline(make_cfg, tmp_path):
-    """The README's ``python -m lmim.analyze checkpoints=[<demo last.ckpt>] init_model=vit_tiny``
-    (the demo recipe cut to 2 steps): analysis.json holds, per encoder, 12 per-layer NMI and
-    distance values, the checkpoint's equal to the analysis of its encoder on the same val
-    images; both figures are written and their paths printed."""
+def test_readme_analysis_of_a_demo_checkpoint_its_export_and_a_random_baseline(make_cfg, tmp_path):
+    """The README's ``python -m lmim.analyze checkpoints=[<demo last.ckpt>] exports=[encoder.pth]
+    timm_model=vit_tiny_patch16_224 init_model=vit_tiny`` (the demo recipe cut to 2 steps; the
+    export written by ``python -m lmim.export``): analysis.json holds, per encoder, 12 per-layer
+    NMI and distance values; the checkpoint's equal those of its encoder analysed here on the
+    same val images, and those of its timm export; both figures are written, their paths
+    printed."""
     from lmim.analyze import val_images
     from lmim.export import load_pretrainer
     from lmim.train import train
 
     demo = ["experiment=demo", "trainer.max_steps=2", "~callbacks.reconstruction", "logger=csv"]
     ckpt = Path(train(make_cfg([*demo, "data.num_workers=0"]))["checkpoint"])
+    export = runs.cli(str(ckpt), "--out", "encoder.pth", cwd=tmp_path, module="lmim.export")
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert "vit_tiny_patch16_224" in export.stdout
     run = tmp_path / "analysis"
-    args = [f"checkpoints=[{ckpt}]", "init_model=vit_tiny"]
+    args = [
+        f"checkpoints=[{ckpt}]", "exports=[encoder.pth]", "timm_model=vit_tiny_patch16_224",
+        "init_model=vit_tiny",
+    ]  # fmt: skip
     proc = runs.cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, module="lmim.analyze")
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("analysis.json", "nmi.png", "attention_distance.png"):
@@ -176,14 +184,18 @@ def test_readme_analysis_of_a_demo_checkpoint_and_a_random_baseline(make_cfg, tm
     record = json.loads((run / "analysis.json").read_text())
     assert record["num_images"] == 32 and record["img_size"] == 96
     label = ckpt.parent.parent.name
-    assert list(record["encoders"]) == [label, "vit_tiny (random init)"]
+    assert list(record["encoders"]) == [label, "encoder.pth", "vit_tiny (random init)"]
     for r in record["encoders"].values():
         assert len(r["nmi"]) == len(r["distance"]) == 12
         assert len(r["nmi_per_head"][0]) == 3  # ViT-Ti: 3 heads
     images = val_images(make_cfg(args, config_name="analyze"))
     expected = analyze_encoder(load_pretrainer(ckpt).encoder, images)
-    assert record["encoders"][label]["nmi"] == pytest.approx(expected["nmi"], rel=1e-6)
-    assert record["encoders"][label]["distance"] == pytest.approx(expected["distance"], rel=1e-6)
+    for key in ("nmi", "distance"):
+        ours = record["encoders"][label][key]
+        assert ours == pytest.approx(expected[key], rel=1e-6)
+        assert record["encoders"]["encoder.pth"][key] == pytest.approx(ours, rel=1e-5)
+    random = record["encoders"]["vit_tiny (random init)"]["nmi"]
+    assert random != pytest.approx(record["encoders"][label]["nmi"], rel=1e-3)
     assert matplotlib.image.imread(run / "nmi.png").shape[1] > 300
 
 
@@ -204,6 +216,11 @@ def test_readme_analysis_of_a_random_baseline(tmp_path):
     ("args", "message"),
     [
         ([], "lmim: error: nothing to analyze: pass checkpoints=[path/to/last.ckpt,...]"),
+        (["exports=[enc.pth]"], "lmim: error: exports=[enc.pth] needs timm_model=<the timm"),
+        (
+            ["exports=[missing.pth]", "timm_model=vit_tiny_patch16_224"],
+            "lmim: error: missing.pth is not a readable encoder file (FileNotFoundError)",
+        ),
         (
             ["init_model=swin_test", "data.img_size=64"],
             "lmim: error: swin_test (random init): lmim.analyze reads columnar encoders (ViT)",
@@ -211,7 +228,25 @@ def test_readme_analysis_of_a_random_baseline(tmp_path):
     ],
 )
 def test_analyze_refuses_in_one_line(tmp_path, args, message):
+    """Nothing to analyze, an export without its timm name or file, a Swin encoder: one line on
+    stderr naming the fix, exit status 2."""
     proc = runs.cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, module="lmim.analyze")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
+
+
+def test_a_checkpoint_and_its_timm_export_give_the_same_analysis():
+    """The lmim encoder and the timm VisionTransformer its weights export to (strict load) have
+    the same layout and the same NMI and attention distance at every layer."""
+    from lmim.export import encoder_state_dict, timm_model
+
+    torch.manual_seed(0)
+    net = create_pretrainer("vit_test", img_size=64)
+    exported = timm_model(net.encoder)
+    exported.load_state_dict(encoder_state_dict(net), strict=True)
+    assert patch_layout(exported) == patch_layout(net.encoder) == (1, (4, 4), 16)
+    images = torch.randn(3, 3, 64, 64)
+    ours, theirs = analyze_encoder(net.encoder, images), analyze_encoder(exported, images)
+    assert ours["nmi"] == pytest.approx(theirs["nmi"], rel=1e-5)
+    assert ours["distance"] == pytest.approx(theirs["distance"], rel=1e-5)

@@ -1,9 +1,10 @@
 """Attention analysis of frozen encoders, as in LocalMIM's section 5:
 ``python -m lmim.analyze checkpoints=[a.ckpt,b.ckpt] data=...``.
 
-Per encoder (each checkpoint, and ``init_model`` for a random-init baseline) and per layer: the
-normalised mutual information between query and key patches and the mean attention distance
-(:mod:`lmim.analysis`), on ``num_images`` images of the data group's val split. Writes
+Per encoder (each checkpoint, each encoder exported by ``lmim.export`` with ``timm_model``, and
+``init_model`` for a random-init baseline) and per layer: the normalised mutual information
+between query and key patches and the mean attention distance (:mod:`lmim.analysis`), on
+``num_images`` images of the data group's val split. Writes
 ``analysis.json``, ``nmi.png`` and ``attention_distance.png`` (one line per encoder against depth)
 into the run folder and prints their paths. Columnar encoders (ViT) only so far.
 """
@@ -38,8 +39,46 @@ def val_images(cfg: DictConfig) -> torch.Tensor:
     return torch.cat(batches)[: cfg.num_images]
 
 
+def load_export(path: str, timm_model: str | None, img_size: int) -> torch.nn.Module:
+    """An encoder exported by ``lmim.export`` (a timm state dict), loaded strictly into
+    ``timm.create_model(timm_model)`` at ``img_size``."""
+    import timm
+
+    if not timm_model:
+        raise ConfigError(
+            f"exports=[{path}] needs timm_model=<the timm name lmim.export printed>, e.g. "
+            "timm_model=vit_tiny_patch16_224 (or analyze the pre-training checkpoint instead)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(
+            f"{path} is not a readable encoder file ({type(err).__name__}): pass a file "
+            "written by python -m lmim.export"
+        ) from err
+    try:
+        model = timm.create_model(timm_model, pretrained=False, num_classes=0, img_size=img_size)
+        model.load_state_dict(state, strict=True)
+    except Exception as err:
+        raise ConfigError(
+            f"{path} does not load into timm_model={timm_model} at data.img_size={img_size} "
+            f"({type(err).__name__}: {str(err).splitlines()[0][:200]}): use the name and size "
+            "lmim.export printed for it"
+        ) from err
+    return model.eval()
+
+
 def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
-    """``{label: encoder}``: each checkpoint (labelled by its run folder), then ``init_model``."""
+    """``{label: encoder}``: each checkpoint (labelled by its run folder), each export (by its
+    file name), then ``init_model``."""
+    if not (cfg.checkpoints or cfg.get("exports") or cfg.init_model):
+        raise ConfigError(
+            "nothing to analyze: pass checkpoints=[path/to/last.ckpt,...] (from lmim.train), "
+            "exports=[encoder.pth,...] with timm_model=<name> (from lmim.export), and/or "
+            "init_model=<model name> for a random-init baseline"
+        )
+    from timm.models.vision_transformer import VisionTransformer
+
     from lmim.linprobe import load_encoder
     from lmim.models.vit import MaskedViT
 
@@ -49,17 +88,16 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
         run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
         label = run if run and run not in found else str(p)
         found[label] = load_encoder(str(p), None, cfg.data.img_size)
+    for path in cfg.get("exports") or []:
+        found[Path(str(path)).name] = load_export(
+            str(path), cfg.get("timm_model"), cfg.data.img_size
+        )
     if cfg.init_model:
         found[f"{cfg.init_model} (random init)"] = load_encoder(
             None, cfg.init_model, cfg.data.img_size
         )
-    if not found:
-        raise ConfigError(
-            "nothing to analyze: pass checkpoints=[path/to/last.ckpt,...] (from lmim.train) "
-            "and/or init_model=<model name> for a random-init baseline"
-        )
     for label, enc in found.items():
-        if not isinstance(enc, MaskedViT):
+        if not isinstance(enc, MaskedViT | VisionTransformer):
             raise ConfigError(
                 f"{label}: lmim.analyze reads columnar encoders (ViT) so far, not "
                 f"{type(enc).__name__}: Swin's windowed attention is not analysed yet"
