@@ -18,10 +18,14 @@ from lmim import create_pretrainer
 from lmim.analysis import (
     analyze_encoder,
     attention_distance,
+    attention_maps,
     attention_modules,
     attention_nmi,
     patch_layout,
+    query_attention,
     recorded_attention,
+    spread_layers,
+    spread_queries,
 )
 from tests import runs
 
@@ -153,6 +157,39 @@ def test_a_model_without_attention_is_refused():
     assert len(attention_modules(create_pretrainer("vit_test", img_size=64).encoder)) == 8
 
 
+def test_query_attention_by_value():
+    """With a cls token in front, the identity's query row is one-hot at the query patch; a row
+    that puts half on cls is renormalised over the patches; heads are averaged."""
+    eye = torch.eye(5).expand(1, 2, 5, 5)
+    row = query_attention(eye, query=2, num_prefix=1)
+    assert row.tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    heads = torch.zeros(1, 2, 5, 5)
+    heads[0, 0, 3, :] = torch.tensor([0.5, 0.5, 0, 0, 0])  # head 0: half on cls, half on patch 0
+    heads[0, 1, 3, :] = torch.tensor([0.0, 0, 0, 0, 1])  # head 1: all on patch 3
+    assert query_attention(heads, query=2, num_prefix=1).tolist() == [[0.5, 0.0, 0.0, 0.5]]
+
+
+def test_attention_maps_of_a_uniform_encoder():
+    """The zero-q/k ViT attends uniformly: every map of the default three diagonal queries at
+    the default four layers (first to last) is 1/16 over its 4x4 grid."""
+    assert spread_queries((4, 4)) == [(1, 1), (2, 2), (3, 3)]
+    assert spread_layers(8) == [0, 2, 5, 7] and spread_layers(12) == [0, 4, 7, 11]
+    assert spread_layers(3) == [0, 1, 2]
+    encoder = create_pretrainer("vit_test", img_size=64).encoder
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.attn.qkv.weight[: 2 * 64].zero_()
+            block.attn.qkv.bias[: 2 * 64].zero_()
+    out = attention_maps(encoder, torch.randn(2, 3, 64, 64))
+    assert out["queries"] == [(1, 1), (2, 2), (3, 3)] and out["layers"] == [0, 2, 5, 7]
+    assert out["maps"].shape == (4, 2, 3, 4, 4)
+    torch.testing.assert_close(out["maps"], torch.full((4, 2, 3, 4, 4), 1 / 16))
+    with pytest.raises(ValueError, match=r"query \(4, 0\) is outside the 4x4 patch grid"):
+        attention_maps(encoder, torch.randn(1, 3, 64, 64), queries=[(4, 0)])
+    with pytest.raises(ValueError, match="layer 8 does not exist: the encoder has 8"):
+        attention_maps(encoder, torch.randn(1, 3, 64, 64), layers=[8])
+
+
 # -- python -m lmim.analyze ----------------------------------------------------------------------
 
 
@@ -179,10 +216,14 @@ def test_readme_analysis_of_a_demo_checkpoint_its_export_and_a_random_baseline(m
     ]  # fmt: skip
     proc = runs.cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, module="lmim.analyze")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("analysis.json", "nmi.png", "attention_distance.png"):
+    for name in ("analysis.json", "nmi.png", "attention_distance.png", "attention_maps.png"):
         assert f": {run / name}" in proc.stdout
     record = json.loads((run / "analysis.json").read_text())
     assert record["num_images"] == 32 and record["img_size"] == 96
+    for r in record["encoders"].values():  # 6x6 patches at 96 px: three diagonal queries
+        assert r["maps"] == {"queries": [[1, 1], [3, 3], [4, 4]], "layers": [0, 4, 7, 11]}
+    # 3 encoders x 3 queries = 9 rows, the query and 4 layers = 5 columns (1.7 x 1.6 in, 110 dpi)
+    assert matplotlib.image.imread(run / "attention_maps.png").shape[:2] == (1683, 880)
     label = ckpt.parent.parent.name
     assert list(record["encoders"]) == [label, "encoder.pth", "vit_tiny (random init)"]
     for r in record["encoders"].values():
@@ -222,13 +263,18 @@ def test_readme_analysis_of_a_random_baseline(tmp_path):
             "lmim: error: missing.pth is not a readable encoder file (FileNotFoundError)",
         ),
         (
+            ["init_model=vit_test", "data.img_size=64", "maps.queries=[[9,9]]"],
+            "lmim: error: maps: vit_test (random init): query (9, 9) is outside the 4x4 patch grid",
+        ),
+        (
             ["init_model=swin_test", "data.img_size=64"],
             "lmim: error: swin_test (random init): lmim.analyze reads columnar encoders (ViT)",
         ),
     ],
 )
 def test_analyze_refuses_in_one_line(tmp_path, args, message):
-    """Nothing to analyze, an export without its timm name or file, a Swin encoder: one line on
+    """Nothing to analyze, an export without its timm name or file, a query outside the patch
+    grid, a Swin encoder: one line on
     stderr naming the fix, exit status 2."""
     proc = runs.cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, module="lmim.analyze")
     assert proc.returncode == 2, proc.stderr[-3000:]

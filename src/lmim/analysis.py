@@ -9,6 +9,8 @@
 * :func:`attention_distance`: how far, in pixels, a query's attention reaches (the
   attention-weighted mean distance to the keys).
 * :func:`analyze_encoder`: both, per layer, over a batch of images.
+* :func:`attention_maps`: where chosen query patches attend at chosen layers (the paper's
+  attention-map figure: lower layers look around the query, upper ones at related regions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -192,3 +195,102 @@ def analyze_encoder(
         out["nmi"].append(float(nmi.mean()))
         out["distance"].append(float(dist.mean()))
     return out
+
+
+def query_attention(attn: torch.Tensor, query: int, num_prefix: int = 0) -> torch.Tensor:
+    """The head-averaged attention of one query patch over the patches.
+
+    Args:
+        attn: (B, heads, N, N) attention of one layer.
+        query: the query's raster index among the patches (after the prefix tokens).
+        num_prefix: leading tokens that are not patches (removed; rows renormalised).
+
+    Returns:
+        (B, patches) float32, each row summing to 1.
+    """
+    return _patch_attention(attn, num_prefix)[:, :, query, :].mean(1).float()
+
+
+def spread_queries(grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """Three query patches spread over the grid: at a quarter, a half and three quarters of the
+    way along its diagonal (row, column)."""
+    rows, cols = grid
+    return [(rows * k // 4, cols * k // 4) for k in (1, 2, 3)]
+
+
+def spread_layers(depth: int, n: int = 4) -> list[int]:
+    """``n`` layers (0-indexed) spread from the first to the last."""
+    if depth <= n:
+        return list(range(depth))
+    return sorted({round(i * (depth - 1) / (n - 1)) for i in range(n)})
+
+
+def map_settings(
+    encoder: nn.Module,
+    queries: list[tuple[int, int]] | None = None,
+    layers: list[int] | None = None,
+) -> tuple[list[tuple[int, int]], list[int]]:
+    """The query patches and layers of :func:`attention_maps` for ``encoder`` (defaults filled
+    in), checked against its patch grid and depth.
+
+    Raises:
+        ValueError: a query outside the patch grid, or a layer the encoder does not have.
+    """
+    _, grid, _ = patch_layout(encoder)
+    depth = len(attention_modules(encoder))
+    queries = spread_queries(grid) if queries is None else [tuple(q) for q in queries]
+    for r, c in queries:
+        if not (0 <= r < grid[0] and 0 <= c < grid[1]):
+            raise ValueError(f"query ({r}, {c}) is outside the {grid[0]}x{grid[1]} patch grid")
+    layers = spread_layers(depth) if layers is None else list(layers)
+    for layer in layers:
+        if not 0 <= layer < depth:
+            raise ValueError(f"layer {layer} does not exist: the encoder has {depth}")
+    return queries, layers
+
+
+@torch.no_grad()
+def attention_maps(
+    encoder: nn.Module,
+    images: torch.Tensor,
+    queries: list[tuple[int, int]] | None = None,
+    layers: list[int] | None = None,
+) -> dict[str, Any]:
+    """Where each query patch attends, at each chosen layer of a columnar encoder.
+
+    Args:
+        encoder: as for :func:`analyze_encoder` (a timm ViT or an lmim ``MaskedViT``).
+        images: (B, C, H, W) normalised images.
+        queries: (row, column) patches; default :func:`spread_queries`.
+        layers: 0-indexed attention layers; default :func:`spread_layers` (4 of them).
+
+    Returns:
+        ``maps``: (layers, B, queries, rows, cols) head-averaged attention, ``queries``,
+        ``layers``, ``grid`` and ``patch_size``.
+    """
+    num_prefix, grid, patch_size = patch_layout(encoder)
+    queries, layers = map_settings(encoder, queries, layers)
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        with recorded_attention(encoder) as records:
+            encoder(images)
+    finally:
+        encoder.train(was_training)
+    recorded = [torch.cat(calls) for calls in records if calls]
+    maps = torch.stack(
+        [
+            torch.stack(
+                [query_attention(recorded[layer], r * grid[1] + c, num_prefix) for r, c in queries],
+                1,
+            )
+            for layer in layers
+        ]
+    )  # (layers, B, queries, patches)
+    return {
+        "maps": maps.reshape(len(layers), len(images), len(queries), *grid),
+        "queries": queries,
+        "layers": layers,
+        "grid": grid,
+        "patch_size": patch_size,
+    }

@@ -4,9 +4,10 @@
 Per encoder (each checkpoint, each encoder exported by ``lmim.export`` with ``timm_model``, and
 ``init_model`` for a random-init baseline) and per layer: the normalised mutual information
 between query and key patches and the mean attention distance (:mod:`lmim.analysis`), on
-``num_images`` images of the data group's val split. Writes
-``analysis.json``, ``nmi.png`` and ``attention_distance.png`` (one line per encoder against depth)
-into the run folder and prints their paths. Columnar encoders (ViT) only so far.
+``num_images`` images of the data group's val split; and, for the first ``maps.images`` of them,
+where chosen query patches attend at chosen layers. Writes ``analysis.json``, ``nmi.png`` and
+``attention_distance.png`` (one line per encoder against depth) and ``attention_maps.png`` into
+the run folder and prints their paths. Columnar encoders (ViT) only so far.
 """
 
 from __future__ import annotations
@@ -120,27 +121,97 @@ def plot(results: dict[str, dict[str, Any]], key: str, ylabel: str, path: Path) 
     fig.savefig(path, dpi=120)
 
 
+def plot_attention_maps(
+    pictures: torch.Tensor, found: dict[str, dict[str, Any]], path: Path
+) -> None:
+    """One row per (encoder, image, query): the image with the query patch marked, then the
+    query's head-averaged attention at each layer over the image (each panel scaled to its
+    maximum).
+
+    Args:
+        pictures: (B, 3, H, W) images in [0, 1].
+        found: per encoder label, the output of :func:`lmim.analysis.attention_maps`.
+        path: the PNG to write.
+    """
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    rows = [
+        (label, b, q)
+        for label, m in found.items()
+        for b in range(m["maps"].shape[1])
+        for q in range(len(m["queries"]))
+    ]
+    cols = 1 + max(len(m["layers"]) for m in found.values())
+    fig = Figure(figsize=(1.6 * cols, 1.7 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), cols, squeeze=False)
+    for i, (label, b, q) in enumerate(rows):
+        m = found[label]
+        p = m["patch_size"]
+        r, c = m["queries"][q]
+        image = pictures[b].permute(1, 2, 0).numpy()
+        panels = [("query", None)] + [
+            (f"layer {layer + 1}", m["maps"][k, b, q].numpy())
+            for k, layer in enumerate(m["layers"])
+        ]
+        for j, ax in enumerate(axes[i]):
+            ax.set_axis_off()
+            if j >= len(panels):
+                continue
+            name, amap = panels[j]
+            ax.imshow(image)
+            if amap is not None:
+                ax.imshow(np.kron(amap / amap.max(), np.ones((p, p))), cmap="inferno", alpha=0.6)
+            ax.plot(c * p + p / 2 - 0.5, r * p + p / 2 - 0.5, "x", color="cyan", ms=6, mew=2)
+            title = f"{label}\nquery ({r}, {c})" if j == 0 else name
+            ax.set_title(title, fontsize=6)
+    fig.savefig(path, dpi=110)
+
+
 def analyze(cfg: DictConfig) -> dict[str, Any]:
     """Score every encoder; write the JSON and the two figures; return their paths."""
-    from lmim.analysis import analyze_encoder
+    from lmim.analysis import analyze_encoder, attention_maps, map_settings
+    from lmim.data.transforms import denormalize
 
     nets = encoders(cfg)
+    maps_cfg = cfg.get("maps") or {}
+    queries, layers = maps_cfg.get("queries"), maps_cfg.get("layers")
+    settings = {}
+    for label, enc in nets.items():  # checked before any image is read
+        try:
+            settings[label] = map_settings(
+                enc,
+                None if queries is None else [tuple(q) for q in queries],
+                None if layers is None else list(layers),
+            )
+        except ValueError as err:
+            raise ConfigError(f"maps: {label}: {err}: change maps.queries / maps.layers") from err
     images = val_images(cfg)
-    results = {}
+    n_maps = min(int(maps_cfg.get("images", 1)), len(images))
+    results, maps = {}, {}
     for label, enc in nets.items():
         results[label] = analyze_encoder(enc, images)
         log.info("%s: NMI per layer %s", label, [round(v, 3) for v in results[label]["nmi"]])
+        maps[label] = attention_maps(enc, images[:n_maps], *settings[label])
+        results[label]["maps"] = {
+            "queries": maps[label]["queries"],
+            "layers": maps[label]["layers"],
+        }
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
         "analysis": out / "analysis.json",
         "nmi": out / "nmi.png",
         "attention_distance": out / "attention_distance.png",
+        "attention_maps": out / "attention_maps.png",
     }
     record = {"num_images": len(images), "img_size": cfg.data.img_size, "encoders": results}
     paths["analysis"].write_text(json.dumps(record, indent=1))
     plot(results, "nmi", "NMI (query; key)", paths["nmi"])
     plot(results, "distance", "mean attention distance (px)", paths["attention_distance"])
+    mean, std = cfg.data.get("mean"), cfg.data.get("std")
+    stats = {} if mean is None or std is None else {"mean": list(mean), "std": list(std)}
+    plot_attention_maps(denormalize(images[:n_maps], **stats), maps, paths["attention_maps"])
     return paths
 
 
