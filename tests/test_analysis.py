@@ -296,3 +296,45 @@ def test_a_checkpoint_and_its_timm_export_give_the_same_analysis():
     ours, theirs = analyze_encoder(net.encoder, images), analyze_encoder(exported, images)
     assert ours["nmi"] == pytest.approx(theirs["nmi"], rel=1e-5)
     assert ours["distance"] == pytest.approx(theirs["distance"], rel=1e-5)
+
+
+def test_analyze_refuses_a_cnn_an_empty_folder_and_a_wrong_size(tmp_path):
+    """A timm CNN exported as a state dict (no attention), an ImageFolder without images, and a
+    ViT export at a size its position embeddings do not take: one ``lmim:`` line each, naming
+    the fix, exit status 2, no traceback."""
+    import timm
+
+    torch.save(timm.create_model("resnet18", num_classes=0).state_dict(), tmp_path / "cnn.pth")
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64)  # 4x4 patches
+    torch.save(vit.state_dict(), tmp_path / "vit.pth")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir()
+    cmds = runs.Commands(tmp_path)
+    cases = {
+        "cnn": (
+            ["exports=[cnn.pth]", "timm_model=resnet18"],
+            "lmim: error: cnn.pth: lmim.analyze reads columnar encoders (ViT) so far, not ResNet: "
+            "it has no attention layers to analyse",
+        ),
+        "empty": (
+            ["init_model=vit_test", "data=imagefolder", f"data.root={tmp_path}/empty"],
+            f"lmim: error: data.root={tmp_path}/empty: {tmp_path}/empty/train holds no images",
+        ),
+        "size": (
+            ["exports=[vit.pth]", "timm_model=vit_tiny_patch16_224", "data.img_size=96"],
+            "lmim: error: vit.pth does not load into timm_model=vit_tiny_patch16_224 at "
+            "data.img_size=96",
+        ),
+    }
+    for key, (args, _) in cases.items():
+        cmds.add(key, "lmim.analyze", *args, f"hydra.run.dir={tmp_path}/{key}", cwd=tmp_path)
+    cmds.start_all()
+    try:
+        for key, (_, message) in cases.items():
+            proc = cmds.result(key)
+            assert proc.returncode == 2, (key, proc.stderr[-3000:])
+            lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("lmim:")]
+            assert len(lines) == 1 and lines[0].startswith(message), (key, proc.stderr[-2000:])
+            assert "Traceback" not in proc.stderr
+    finally:
+        cmds.stop()

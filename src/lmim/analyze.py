@@ -58,7 +58,12 @@ def load_export(path: str, timm_model: str | None, img_size: int) -> torch.nn.Mo
             "written by python -m lmim.export"
         ) from err
     try:
-        model = timm.create_model(timm_model, pretrained=False, num_classes=0, img_size=img_size)
+        try:
+            model = timm.create_model(
+                timm_model, pretrained=False, num_classes=0, img_size=img_size
+            )
+        except TypeError:  # a model without an input size (a CNN)
+            model = timm.create_model(timm_model, pretrained=False, num_classes=0)
         model.load_state_dict(state, strict=True)
     except Exception as err:
         raise ConfigError(
@@ -99,9 +104,14 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
         )
     for label, enc in found.items():
         if not isinstance(enc, MaskedViT | VisionTransformer):
+            name = type(enc).__name__
+            why = (
+                "Swin's windowed attention is not analysed yet"
+                if "Swin" in name
+                else "it has no attention layers to analyse"
+            )
             raise ConfigError(
-                f"{label}: lmim.analyze reads columnar encoders (ViT) so far, not "
-                f"{type(enc).__name__}: Swin's windowed attention is not analysed yet"
+                f"{label}: lmim.analyze reads columnar encoders (ViT) so far, not {name}: {why}"
             )
     return found
 
