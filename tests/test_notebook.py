@@ -1,7 +1,8 @@
-"""The quick-start notebook runs top to bottom in a real Jupyter kernel and shows its figures.
+"""The notebooks run top to bottom in a real Jupyter kernel and show their figures.
 
-To refresh the committed outputs after changing the notebook or the code it shows:
-``python -m tests.test_notebook`` (executes it and writes it back in place).
+To refresh the committed outputs after changing a notebook or the code it shows:
+``python -m tests.test_notebook`` (executes both and writes them back in place; the analysis
+notebook reads the newest ``make demo`` checkpoint when there is one).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import nbformat
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+ANALYSIS = NOTEBOOK.with_name("analysis.ipynb")
 
 
 def execute(path: Path = NOTEBOOK, timeout: int = 600):
@@ -56,9 +58,33 @@ def test_committed_notebook_has_its_outputs():
     assert NOTEBOOK.stat().st_size < 800_000  # modest pictures
 
 
+def test_analysis_notebook_runs_on_a_tiny_model(monkeypatch):
+    """With LMIM_ANALYSIS_TINY=1 the analysis notebook trains the test ViT for 40 steps itself,
+    prints both encoders' NMI per layer (8 values each) and displays its two figures."""
+    monkeypatch.setenv("LMIM_ANALYSIS_TINY", "1")
+    nb = execute(ANALYSIS)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    printed = "".join(o.get("text", "") for c in code for o in c.get("outputs", []))
+    assert "encoders: ['vit_test, 40 steps', 'vit_test, random init'] at 64 px" in printed
+    nmi_lines = [ln for ln in printed.splitlines() if ": NMI [" in ln]
+    assert len(nmi_lines) == 2 and all(ln.split("NMI [")[1].count(",") == 7 for ln in nmi_lines)
+    assert [len(_outputs(c, "image/png")) for c in code if "subplots(" in c.source] == [1, 1]
+
+
+def test_committed_analysis_notebook_has_its_outputs():
+    """Committed executed (on the demo checkpoint when it was refreshed), with both figures."""
+    nb = nbformat.read(ANALYSIS, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.get("execution_count") for c in code)
+    assert sum(len(_outputs(c, "image/png")) for c in code) == 2
+    assert all(o.get("output_type") != "error" for c in code for o in c.get("outputs", []))
+    assert ANALYSIS.stat().st_size < 800_000
+
+
 if __name__ == "__main__":
-    executed = execute()
-    for cell in executed.cells:
-        cell.get("metadata", {}).pop("execution", None)  # timings: noise in diffs
-    nbformat.write(executed, NOTEBOOK)
-    print(f"wrote {NOTEBOOK}", file=sys.stderr)
+    for path in (NOTEBOOK, ANALYSIS):
+        executed = execute(path)
+        for cell in executed.cells:
+            cell.get("metadata", {}).pop("execution", None)  # timings: noise in diffs
+        nbformat.write(executed, path)
+        print(f"wrote {path}", file=sys.stderr)
