@@ -9,7 +9,10 @@ A ViT 192 wide x 8 deep x 3 heads with 8-px patches on Fashion-MNIST at 64 px
   released 256/768 width ratio of ViT-B applied to 192; head width 32 as released), which also
   makes the x4 head's transposed convolutions 4x narrower;
 * ``mae-released``: MAE with its released decoder (8 blocks x 512 x 16 heads);
-* ``mae-sized``: MAE with a 2-block x 128 x 4-head decoder.
+* ``mae-sized``: MAE with a 2-block x 128 x 4-head decoder;
+* named with ``--arms`` only, LocalMIM's ablations with the sized decoders:
+  ``localmim-single-scale`` (every tap at the mask unit's scale), ``localmim-top-only`` (one
+  decoder on the top block) and ``localmim-isolated`` (gradient-isolated segments).
 
 Every arm of a seed starts from the same encoder weights. Each arm's step time is measured
 first and its cosine is set to end at the budget; the weights are saved at 40/60/80/100% of it
@@ -27,6 +30,8 @@ MAE arm's final accuracy) and, through ``lmim.report``, ``report/budget.png`` an
     python benchmarks/budget.py --minutes 15       # the 6/9/12/15-minute points: ~2.5 h
     python benchmarks/budget.py --minutes 0.3 --seeds 0 --eval-train 500 --eval-test 500 \\
         --finetune-images 256 --finetune-test 256 --out /tmp/budget   # a smoke run
+    python benchmarks/budget.py --minutes 10 --out outputs/ablations --arms localmim-sized \\
+        localmim-single-scale localmim-top-only localmim-isolated      # the ablation study
 
 Finished stages are kept: re-running the same command after an interruption skips them (a timed
 run that did not finish is started again from scratch, since a resumed one would not be timed
@@ -57,9 +62,10 @@ from lmim.export import load_pretrainer
 from lmim.report import EVALS_FILE, read_evals
 from lmim.utils import instantiate_checked
 
+SIZED = ["method=localmim", "model.decoder_dim=64", "model.decoder_heads=2"]
 ARMS: dict[str, list[str]] = {
     "localmim-released": ["method=localmim"],
-    "localmim-sized": ["method=localmim", "model.decoder_dim=64", "model.decoder_heads=2"],
+    "localmim-sized": SIZED,
     "mae-released": ["method=mae"],
     "mae-sized": [
         "method=mae",
@@ -67,7 +73,14 @@ ARMS: dict[str, list[str]] = {
         "model.decoder_depth=2",
         "model.decoder_heads=4",
     ],
+    # LocalMIM's ablations (section 6), with the sized decoders: every tap at the mask unit's
+    # scale, one decoder on the top block, and the gradient-isolated variant.
+    "localmim-single-scale": [*SIZED, "schedule=single_scale"],
+    "localmim-top-only": [*SIZED, "schedule=top_only"],
+    "localmim-isolated": [*SIZED, "schedule=isolated"],
 }
+# The four arms a plain run trains; the ablation arms only when named with --arms.
+DEFAULT_ARMS = ["localmim-released", "localmim-sized", "mae-released", "mae-sized"]
 FRACTIONS = (0.4, 0.6, 0.8, 1.0)
 EVAL_KEYS = ("knn_last", "knn_mid", "linear_last", "linear_mid")
 EVAL_NAMES = {
@@ -466,7 +479,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--minutes", type=float, default=5.0, help="device-minutes per run")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     p.add_argument(
         "--equal-steps-arms",
         nargs="*",
