@@ -338,3 +338,17 @@ def test_analyze_refuses_a_cnn_an_empty_folder_and_a_wrong_size(tmp_path):
             assert "Traceback" not in proc.stderr
     finally:
         cmds.stop()
+
+
+def test_batches_give_the_scores_of_one_pass():
+    """Scored in batches of 2 (one batch's attention in memory at a time) or all at once: the
+    same per-layer NMI and distance."""
+    torch.manual_seed(0)
+    encoder = create_pretrainer("vit_test", img_size=64).encoder
+    images = torch.randn(5, 3, 64, 64)
+    whole = analyze_encoder(encoder, images, batch_size=5)
+    parts = analyze_encoder(encoder, images, batch_size=2)
+    for key in ("nmi", "distance"):
+        assert parts[key] == pytest.approx(whole[key], rel=1e-6), key
+    for got, want in zip(parts["nmi_per_head"], whole["nmi_per_head"], strict=True):
+        assert got == pytest.approx(want, rel=1e-6)

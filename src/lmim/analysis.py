@@ -154,11 +154,13 @@ def analyze_encoder(
     num_prefix: int | None = None,
     grid: tuple[int, int] | None = None,
     patch_size: int | None = None,
+    batch_size: int = 16,
 ) -> dict[str, list]:
     """Per-layer NMI and attention distance of a columnar (global-attention) encoder.
 
-    The encoder runs once on ``images`` (eval mode, nothing masked); each block's attention is
-    scored per image and head, averaged over images, then over heads.
+    The encoder runs on ``images`` in batches of ``batch_size`` (eval mode, nothing masked; only
+    one batch's attention is held at a time); each block's attention is scored per image and
+    head, averaged over images, then over heads.
 
     Args:
         encoder: called as ``encoder(images)``; a timm ViT or an lmim ``MaskedViT`` (which then
@@ -178,18 +180,24 @@ def analyze_encoder(
         patch_size = patch0 if patch_size is None else patch_size
     was_training = encoder.training
     encoder.eval()
+    per_image: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per batch: (nmi, dist)
     try:
-        with recorded_attention(encoder) as records:
-            encoder(images)
+        for batch in images.split(batch_size):
+            with recorded_attention(encoder) as records:
+                encoder(batch)
+            reached = [torch.cat(calls) for calls in records if calls]  # (b, H, N, N) per block
+            per_image.append(
+                (
+                    [attention_nmi(a, num_prefix) for a in reached],
+                    [attention_distance(a, grid, patch_size, num_prefix) for a in reached],
+                )
+            )
     finally:
         encoder.train(was_training)
     out: dict[str, list] = {"nmi": [], "distance": [], "nmi_per_head": [], "distance_per_head": []}
-    for calls in records:
-        if not calls:
-            continue  # a block the forward did not reach
-        attn = torch.cat(calls)  # (B, H, N, N)
-        nmi = attention_nmi(attn, num_prefix).mean(0)
-        dist = attention_distance(attn, grid, patch_size, num_prefix).mean(0)
+    for layer in range(len(per_image[0][0])):
+        nmi = torch.cat([b[0][layer] for b in per_image]).mean(0)  # (H,)
+        dist = torch.cat([b[1][layer] for b in per_image]).mean(0)
         out["nmi_per_head"].append(nmi.tolist())
         out["distance_per_head"].append(dist.tolist())
         out["nmi"].append(float(nmi.mean()))
