@@ -161,9 +161,16 @@ def cli(
 
 
 def start_cli(
-    *args: str, cwd: Path, log: Path, module: str = "lmim.train", **env: str
+    *args: str,
+    cwd: Path,
+    log: Path,
+    module: str = "lmim.train",
+    new_session: bool = False,
+    **env: str,
 ) -> subprocess.Popen:
-    """``python -m <module> <args>`` started in ``cwd``, stdout and stderr to ``log``."""
+    """``python -m <module> <args>`` started in ``cwd``, stdout and stderr to ``log``;
+    ``new_session``: in a process group of its own (with the processes it launches, which
+    ``os.killpg(proc.pid, ...)`` then reaches)."""
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", module, *args],
@@ -171,14 +178,19 @@ def start_cli(
             env=cli_env(**env),
             stdout=out,
             stderr=subprocess.STDOUT,
+            start_new_session=new_session,
         )
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
-    """Until ``path`` exists; fails if the process ends first."""
+def wait_for(
+    path: Path, proc: subprocess.Popen, timeout: float = 300, log: Path | None = None
+) -> None:
+    """Until ``path`` exists; fails if the process ends first (showing the tail of ``log``)."""
     end = time.monotonic() + timeout
     while not path.exists():
-        assert proc.poll() is None, f"the run ended (status {proc.returncode}) before {path}"
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log is not None else ""
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {path}\n{tail}")
         assert time.monotonic() < end, f"no {path} after {timeout} s"
         time.sleep(0.01)
 

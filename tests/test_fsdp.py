@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -281,21 +280,12 @@ def test_fsdp_vit_two_processes_equal_one_process_and_resume(tmp_path):
     )
     args = [*common, *FSDP, f"hydra.run.dir={tmp_path}/run"]
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lmim.train", *args],
-            cwd=tmp_path,
-            env=runs.cli_env(**master_env()),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # one process group: rank 0 and the rank it launched
-        )
+    # One process group: rank 0 and the rank it launched.
+    proc = runs.start_cli(
+        *args, cwd=tmp_path, log=tmp_path / "first.log", new_session=True, **master_env()
+    )
     try:
-        end = time.monotonic() + 300
-        while not last.exists():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < end, "no last.ckpt"
-            time.sleep(0.01)
+        runs.wait_for(last, proc, log=tmp_path / "first.log")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -462,29 +452,13 @@ def test_fsdp_sigkill_while_saving_keeps_last_and_rerun_resumes(tmp_path):
     run = [*args, f"hydra.run.dir={tmp_path}/run"]
     marker = tmp_path / "saving"
     ckpts = tmp_path / "run" / "checkpoints"
-    with open(tmp_path / "first.log", "w") as log:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "lmim.train",
-                *run,
-                "+callbacks.slow._target_=tests.test_fsdp.SlowSave",
-                "+callbacks.slow.at=2",
-                f"+callbacks.slow.marker={marker}",
-            ],
-            cwd=tmp_path,
-            env=runs.cli_env(**master_env()),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # one process group: rank 0 and the rank it launched
-        )
+    slow = ["+callbacks.slow._target_=tests.test_fsdp.SlowSave", "+callbacks.slow.at=2"]
+    proc = runs.start_cli(
+        *run, *slow, f"+callbacks.slow.marker={marker}", cwd=tmp_path,
+        log=tmp_path / "first.log", new_session=True, **master_env(),
+    )  # fmt: skip
     try:
-        end = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < end, "the second save never started"
-            time.sleep(0.05)
+        runs.wait_for(marker, proc, log=tmp_path / "first.log")
         unfinished = [p for p in ckpts.iterdir() if ".tmp-" in p.name]
         assert len(unfinished) == 1 and (unfinished[0] / "__1_0.distcp").is_file()
     finally:
