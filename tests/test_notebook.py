@@ -68,7 +68,8 @@ def test_analysis_notebook_runs_on_a_tiny_model(monkeypatch):
     assert "encoders: ['vit_test, 40 steps', 'vit_test, random init'] at 64 px" in printed
     nmi_lines = [ln for ln in printed.splitlines() if ": NMI [" in ln]
     assert len(nmi_lines) == 2 and all(ln.split("NMI [")[1].count(",") == 7 for ln in nmi_lines)
-    assert [len(_outputs(c, "image/png")) for c in code if "subplots(" in c.source] == [1, 1]
+    figures = [c for c in code if "subplots(" in c.source or "_figure(" in c.source]
+    assert [len(_outputs(c, "image/png")) for c in figures] == [1, 1]
 
 
 def test_committed_analysis_notebook_has_its_outputs():

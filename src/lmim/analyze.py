@@ -131,9 +131,7 @@ def plot(results: dict[str, dict[str, Any]], key: str, ylabel: str, path: Path) 
     fig.savefig(path, dpi=120)
 
 
-def plot_attention_maps(
-    pictures: torch.Tensor, found: dict[str, dict[str, Any]], path: Path
-) -> None:
+def attention_maps_figure(pictures: torch.Tensor, found: dict[str, dict[str, Any]]):
     """One row per (encoder, image, query): the image with the query patch marked, then the
     query's head-averaged attention at each layer over the image (each panel scaled to its
     maximum).
@@ -141,7 +139,9 @@ def plot_attention_maps(
     Args:
         pictures: (B, 3, H, W) images in [0, 1].
         found: per encoder label, the output of :func:`lmim.analysis.attention_maps`.
-        path: the PNG to write.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` (no pyplot state touched).
     """
     import numpy as np
     from matplotlib.figure import Figure
@@ -175,7 +175,7 @@ def plot_attention_maps(
             ax.plot(c * p + p / 2 - 0.5, r * p + p / 2 - 0.5, "x", color="cyan", ms=6, mew=2)
             title = f"{label}\nquery ({r}, {c})" if j == 0 else name
             ax.set_title(title, fontsize=6)
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 def analyze(cfg: DictConfig) -> dict[str, Any]:
@@ -221,7 +221,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     plot(results, "distance", "mean attention distance (px)", paths["attention_distance"])
     mean, std = cfg.data.get("mean"), cfg.data.get("std")
     stats = {} if mean is None or std is None else {"mean": list(mean), "std": list(std)}
-    plot_attention_maps(denormalize(images[:n_maps], **stats), maps, paths["attention_maps"])
+    figure = attention_maps_figure(denormalize(images[:n_maps], **stats), maps)
+    figure.savefig(paths["attention_maps"], dpi=110)
     return paths
 
 
