@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import inspect
-import os
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from lmim.targets import NormalizedPixels
 from lmim.train import build, train
 from lmim.utils import config_dir
 from lmim.wandb_file import WandbFileError, read_wandb_file
+from tests import runs
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,26 +359,16 @@ def sweep(tmp_path_factory) -> Path:
     """The README's budget sweep, shrunk: `-m method=localmim,mae` on the tiny ViT, two jobs
     logging to W&B (offline) and CSV."""
     tmp = tmp_path_factory.mktemp("sweep")
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmim.train",
-            "-m",
-            "method=localmim,mae",
-            *TINY_RUN,
-            "logger=many",
-            "debug=limit",
-            "trainer.max_epochs=3",
-            "task_name=budget_test",
-            f"hydra.sweep.dir={tmp}/sweep",
-        ],
+    proc = runs.cli(
+        "-m",
+        "method=localmim,mae",
+        *TINY_RUN,
+        "logger=many",
+        "debug=limit",
+        "trainer.max_epochs=3",
+        "task_name=budget_test",
+        f"hydra.sweep.dir={tmp}/sweep",
         cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "sweep"
@@ -487,27 +477,17 @@ def short_runs(tmp_path_factory) -> Path:
     trainer.log_every_n_steps=50: one as configured, one without callbacks.final_step (a run
     as short runs were before: no train/loss row)."""
     tmp = tmp_path_factory.mktemp("short")
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     for name, extra in (("good", []), ("lossless", ["~callbacks.final_step"])):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "lmim.train",
-                *TINY_RUN,
-                "logger=csv",
-                "trainer.max_steps=3",
-                "trainer.max_epochs=-1",
-                "trainer.enable_progress_bar=false",
-                "~callbacks.reconstruction",
-                *extra,
-                f"hydra.run.dir={tmp}/outputs/{name}",
-            ],
+        proc = runs.cli(
+            *TINY_RUN,
+            "logger=csv",
+            "trainer.max_steps=3",
+            "trainer.max_epochs=-1",
+            "trainer.enable_progress_bar=false",
+            "~callbacks.reconstruction",
+            *extra,
+            f"hydra.run.dir={tmp}/outputs/{name}",
             cwd=tmp,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "outputs"

@@ -34,26 +34,15 @@ from lmim.resume import (
     temp_path_for,
 )
 from tests import runs
-from tests.runs import loss_rows
+from tests.runs import SMALL, loss_rows
 
 # The 8-block test ViT with a narrow decoder at 32 px on two embedded photos: 40 samples make
 # one epoch of 5 steps of 8 images (2 processes x 4, or 1 x 8).
 RUN = [
-    "model=vit_test",
-    "model.decoder_dim=64",
-    "model.decoder_heads=2",
-    "data=demo",
-    "data.images=[astronaut,coffee]",
-    "data.img_size=32",
-    "data.num_workers=0",
+    # tests.runs.SMALL without its trainer and batch (set per run below), FLOPs counted (as by
+    # default: the count runs on the sharded model too), 40 samples
+    *(o for o in SMALL if not o.startswith(("trainer=", "data.batch_size", "callbacks.perf"))),
     "data.samples_per_epoch=40",
-    "logger=csv",
-    "trainer.log_every_n_steps=1",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
-    "~callbacks.reconstruction",
-    "optim.warmup_steps=2",
-    "optim.blr=1e-2",
 ]
 ONE = ["trainer=cpu", "data.batch_size=8"]
 FSDP = ["trainer=fsdp_cpu", "data.batch_size=4"]
