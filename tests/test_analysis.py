@@ -18,6 +18,7 @@ from lmim import create_pretrainer
 from lmim.analysis import (
     analyze_encoder,
     attention_distance,
+    attention_layouts,
     attention_maps,
     attention_modules,
     attention_nmi,
@@ -26,6 +27,7 @@ from lmim.analysis import (
     recorded_attention,
     spread_layers,
     spread_queries,
+    window_layout,
 )
 from tests import runs
 
@@ -182,8 +184,8 @@ def test_attention_maps_of_a_uniform_encoder():
             block.attn.qkv.bias[: 2 * 64].zero_()
     out = attention_maps(encoder, torch.randn(2, 3, 64, 64))
     assert out["queries"] == [(1, 1), (2, 2), (3, 3)] and out["layers"] == [0, 2, 5, 7]
-    assert out["maps"].shape == (4, 2, 3, 4, 4)
-    torch.testing.assert_close(out["maps"], torch.full((4, 2, 3, 4, 4), 1 / 16))
+    assert out["maps"].shape == (4, 2, 3, 64, 64)  # on the pixels: each patch's weight on its own
+    torch.testing.assert_close(out["maps"], torch.full((4, 2, 3, 64, 64), 1 / 16))
     with pytest.raises(ValueError, match=r"query \(4, 0\) is outside the 4x4 patch grid"):
         attention_maps(encoder, torch.randn(1, 3, 64, 64), queries=[(4, 0)])
     with pytest.raises(ValueError, match="layer 8 does not exist: the encoder has 8"):
@@ -204,7 +206,7 @@ def test_readme_analysis_of_a_demo_checkpoint_its_export_and_a_random_baseline(m
     from lmim.export import load_pretrainer
     from lmim.train import train
 
-    demo = ["experiment=demo", "trainer.max_steps=2", "~callbacks.reconstruction", "logger=csv"]
+    demo = ["experiment=demo", "trainer.max_steps=2", "~callbacks.reconstruction", "logger=wandb"]
     ckpt = Path(train(make_cfg([*demo, "data.num_workers=0"]))["checkpoint"])
     export = runs.cli(str(ckpt), "--out", "encoder.pth", cwd=tmp_path, module="lmim.export")
     assert export.returncode == 0, export.stderr[-3000:]
@@ -214,8 +216,19 @@ def test_readme_analysis_of_a_demo_checkpoint_its_export_and_a_random_baseline(m
         f"checkpoints=[{ckpt}]", "exports=[encoder.pth]", "timm_model=vit_tiny_patch16_224",
         "init_model=vit_tiny",
     ]  # fmt: skip
-    proc = runs.cli(*args, f"hydra.run.dir={run}", cwd=tmp_path, module="lmim.analyze")
+    train_run = ckpt.parent.parent
+    proc = runs.cli(
+        *args, "logger=wandb", f"wandb_run={train_run}", f"hydra.run.dir={run}", cwd=tmp_path,
+        module="lmim.analyze",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # Logged into the pre-training run's W&B run (its id, its name kept), offline here.
+    from lmim.wandb_file import read_wandb_file
+
+    (logged,) = [read_wandb_file(f) for f in run.glob("wandb/offline-run-*/run-*.wandb")]
+    assert logged.run_id == (train_run / "wandb_run_id").read_text().strip()
+    assert logged.job_type != "analyze" and logged.name != "analyze"
+    assert any(h.get("analysis/layers/nrows") == 36 for h in logged.history)  # 3 x 12 layers
     for name in ("analysis.json", "nmi.png", "attention_distance.png", "attention_maps.png"):
         assert f": {run / name}" in proc.stdout
     record = json.loads((run / "analysis.json").read_text())
@@ -267,15 +280,28 @@ def test_readme_analysis_of_a_random_baseline(tmp_path):
             "lmim: error: maps: vit_test (random init): query (9, 9) is outside the 4x4 patch grid",
         ),
         (
-            ["init_model=swin_test", "data.img_size=64"],
-            "lmim: error: swin_test (random init): lmim.analyze reads columnar encoders (ViT)",
+            ["init_model=swin_test", "data.img_size=96"],
+            "lmim: error: swin_test (random init): a 6x6 Swin stage grid is not tiled by its 4x4 "
+            "windows (timm pads it with tokens outside the image)",
+        ),
+        (
+            ["init_model=vit_test", "wandb_run=3kz9x0qa"],
+            "lmim: error: wandb_run=3kz9x0qa is only used with W&B logging: add logger=wandb",
+        ),
+        (
+            ["init_model=vit_test", "logger=wandb", "wandb_run=no/such/run"],
+            "lmim: error: wandb_run=no/such/run is neither a run folder nor a W&B run id",
+        ),
+        (
+            ["init_model=vit_test", "logger=wandb", "wandb_run=."],
+            "lmim: error: wandb_run=.: the folder has no wandb_run_id file",
         ),
     ],
 )
 def test_analyze_refuses_in_one_line(tmp_path, args, message):
     """Nothing to analyze, an export without its timm name or file, a query outside the patch
-    grid, a Swin encoder: one line on
-    stderr naming the fix, exit status 2."""
+    grid, a Swin whose windows do not tile a stage, a W&B run without W&B logging or that is
+    neither a run folder nor an id: one line on stderr naming the fix, exit status 2."""
     proc = runs.cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, module="lmim.analyze")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -313,8 +339,8 @@ def test_analyze_refuses_a_cnn_an_empty_folder_and_a_wrong_size(tmp_path):
     cases = {
         "cnn": (
             ["exports=[cnn.pth]", "timm_model=resnet18"],
-            "lmim: error: cnn.pth: lmim.analyze reads columnar encoders (ViT) so far, not ResNet: "
-            "it has no attention layers to analyse",
+            "lmim: error: cnn.pth: lmim.analyze reads ViT and Swin encoders, not ResNet: it has "
+            "no attention layers to analyse",
         ),
         "empty": (
             ["init_model=vit_test", "data=imagefolder", f"data.root={tmp_path}/empty"],
@@ -352,3 +378,142 @@ def test_batches_give_the_scores_of_one_pass():
         assert parts[key] == pytest.approx(whole[key], rel=1e-6), key
     for got, want in zip(parts["nmi_per_head"], whole["nmi_per_head"], strict=True):
         assert got == pytest.approx(want, rel=1e-6)
+
+
+# -- Swin: attention inside (shifted) windows ----------------------------------------------------
+
+
+def tiny_swin(**kw):
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+                window_size=4, num_classes=0)  # fmt: skip
+    return SwinTransformer(**{**args, **kw}).eval()
+
+
+def test_window_layout_is_timms_roll_and_partition():
+    """The layout's cells are the coordinates timm's own roll and window_partition put in each
+    window (a coordinate grid pushed through them); a grid the window does not tile is refused."""
+    from timm.models.swin_transformer import window_partition
+
+    h, w, ws, shift = 8, 12, 4, 2
+    coords = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij"), -1)
+    rolled = torch.roll(coords[None], shifts=(-shift, -shift), dims=(1, 2))
+    expected = window_partition(rolled, (ws, ws)).reshape(-1, ws * ws, 2)
+    layout = window_layout((h, w), (ws, ws), (shift, shift), stride=8)
+    assert torch.equal(layout.cells, expected) and layout.windows == 6
+    assert layout.cells[0, :2].tolist() == [[2, 2], [2, 3]]
+    with pytest.raises(ValueError, match="6x6 Swin stage grid is not tiled by its 4x4 windows"):
+        window_layout((6, 6), (4, 4), (0, 0), 8)
+    swin = tiny_swin()
+    found = [(lay.grid, lay.windows, lay.stride) for lay in attention_layouts(swin)]
+    assert found == [((8, 8), 4, 4), ((8, 8), 4, 4), ((4, 4), 1, 8), ((4, 4), 1, 8)]
+
+
+def test_swin_scores_by_value():
+    """A timm Swin with zero q/k and zero relative-position bias attends uniformly within each
+    region Swin's mask allows: the unshifted blocks score NMI 0, the shifted one the NMI of its
+    region-uniform windows (the definition on softmax(timm's mask), window by window, averaged);
+    the distances are those of the true token positions (timm's roll applied to a coordinate
+    grid) averaged over each query's region."""
+    from timm.models.swin_transformer import window_partition
+
+    swin = tiny_swin()
+    with torch.no_grad():
+        for m in attention_modules(swin):
+            d = m.qkv.in_features
+            m.qkv.weight[: 2 * d].zero_()
+            m.qkv.bias[: 2 * d].zero_()
+            m.relative_position_bias_table.zero_()
+    out = analyze_encoder(swin, torch.randn(2, 3, 32, 32))
+    blocks = [b for layer in swin.layers for b in layer.blocks]
+    assert [tuple(b.shift_size) for b in blocks] == [(0, 0), (2, 2), (0, 0), (0, 0)]
+    for i, blk in enumerate(blocks):
+        n = blk.window_size[0] * blk.window_size[1]
+        res = blk.input_resolution
+        stride = 32 // res[0]
+        mask = blk.attn_mask if blk.attn_mask is not None else torch.zeros(1, n, n)
+        attn = mask.softmax(-1)  # (windows, n, n): uniform over each query's region
+        coords = torch.stack(
+            torch.meshgrid(torch.arange(res[0]), torch.arange(res[1]), indexing="ij"), -1
+        )
+        rolled = torch.roll(coords[None], shifts=tuple(-s for s in blk.shift_size), dims=(1, 2))
+        pos = window_partition(rolled, blk.window_size).reshape(-1, n, 2).double() * stride
+        nmi = sum(nmi_by_loops(a.tolist()) for a in attn) / len(attn)
+        dist = float((attn.double() * torch.cdist(pos, pos)).sum(-1).mean())
+        assert out["nmi"][i] == pytest.approx(nmi, abs=1e-6), i
+        assert out["distance"][i] == pytest.approx(dist, rel=1e-5), i
+    assert out["nmi"][0] == pytest.approx(0, abs=1e-9) and out["nmi"][1] > 0.1
+    # The shifted windows hold tokens from the far side of the grid, which attend only within
+    # their own region: the distance stays within one window.
+    assert out["distance"][1] < out["distance"][0] * 1.5
+
+
+def test_swin_attention_maps_stay_in_the_querys_window():
+    """Each map is the query token's attention over its window's keys on the pixels: 0 outside
+    the window, each key's weight on its stride x stride pixels (so a map sums to stride^2); a
+    uniform unshifted window gives 1/16 on each of its pixels."""
+    swin = tiny_swin()
+    with torch.no_grad():
+        for m in attention_modules(swin):
+            d = m.qkv.in_features
+            m.qkv.weight[: 2 * d].zero_()
+            m.qkv.bias[: 2 * d].zero_()
+            m.relative_position_bias_table.zero_()
+    out = attention_maps(swin, torch.randn(1, 3, 32, 32), queries=[(1, 6)], layers=[0, 1, 2])
+    maps = out["maps"]
+    assert maps.shape == (3, 1, 1, 32, 32)
+    first = maps[0, 0, 0]  # query patch (1, 6): the top-right 16x16 window of block 1
+    torch.testing.assert_close(first[:16, 16:], torch.full((16, 16), 1 / 16))
+    assert float(first.sum() - first[:16, 16:].sum()) == 0
+    for k, stride in enumerate((4, 4, 8)):
+        assert float(maps[k, 0, 0].sum()) == pytest.approx(stride**2, rel=1e-5)
+
+
+def test_a_swin_pretrainer_is_analysed_as_its_timm_export():
+    """lmim's MaskedSwin has no attention matrix to record (fused kernels); lmim.analyze reads
+    the timm SwinTransformer its weights export to, which computes the same stage outputs."""
+    from lmim.analyze import analysable
+
+    torch.manual_seed(0)
+    net = create_pretrainer("swin_test", img_size=64)
+    with pytest.raises(ValueError, match="analyse the timm Swin its weights load into"):
+        attention_layouts(net.encoder)
+    swin = analysable(net)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = net.encoder(x)[-1]  # (B, 4, C): the last stage, 2x2 tokens (one per unit)
+        theirs = swin.layers(swin.patch_embed(x)).reshape(2, 4, -1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    out = analyze_encoder(swin, x)
+    assert len(out["nmi"]) == 8 and all(0 <= v <= 1 for v in out["nmi"])
+
+
+def test_readme_swin_analysis_logged_to_wandb(tmp_path):
+    """``python -m lmim.analyze init_model=swin_test data.img_size=64 logger=wandb``: the Swin's
+    8 blocks scored, the figures written, and an offline W&B run (job type analyze) whose
+    per-layer table holds the numbers of analysis.json."""
+    from lmim.wandb_file import read_wandb_file
+
+    run = tmp_path / "run"
+    proc = runs.cli(
+        "init_model=swin_test", "data.img_size=64", "logger=wandb", "num_images=8",
+        f"hydra.run.dir={run}", cwd=tmp_path, module="lmim.analyze",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((run / "analysis.json").read_text())
+    (scores,) = record["encoders"].values()
+    assert len(scores["nmi"]) == 8 and all(0 < v < 1 for v in scores["nmi"])
+    assert scores["maps"] == {"queries": [[4, 4], [8, 8], [12, 12]], "layers": [0, 2, 5, 7]}
+    (file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    logged = read_wandb_file(file)
+    assert logged.job_type == "analyze" and logged.exit_code == 0
+    (row,) = [h for h in logged.history if "analysis/layers/path" in h]
+    assert row["analysis/layers/nrows"] == 8 and "analysis/attention_maps_png/path" in row
+    table = json.loads((file.parent / "files" / row["analysis/layers/path"]).read_text())
+    assert table["columns"] == ["encoder", "layer", "nmi", "attention_distance_px"]
+    assert [r[2] for r in table["data"]] == pytest.approx(scores["nmi"])
+    assert [r[3] for r in table["data"]] == pytest.approx(scores["distance"])
+    label = "swin_test (random init)"
+    assert logged.summary[f"analysis/{label}/nmi_first"] == pytest.approx(scores["nmi"][0])

@@ -11,6 +11,18 @@
 * :func:`analyze_encoder`: both, per layer, over a batch of images.
 * :func:`attention_maps`: where chosen query patches attend at chosen layers (the paper's
   attention-map figure: lower layers look around the query, upper ones at related regions).
+
+Columnar encoders (timm ``VisionTransformer``, lmim ``MaskedViT``) attend globally: one matrix
+per image and layer over all patches. Pyramidal ones (timm ``SwinTransformer``) attend inside
+windows: one matrix per window, over the window's tokens. :func:`attention_layouts` says where
+each matrix's tokens sit in the image (for Swin's shifted blocks, after undoing the cyclic
+shift), so the scores are computed per window (NMI with Q = K = the window's tokens, distance
+between the tokens' true positions) and averaged over the windows of an image, then over images,
+then heads. In a shifted block, the windows at the border hold 2-4 regions that Swin's mask
+keeps from attending to one another; that block-diagonal attention raises their NMI, which is
+part of what the block computes and is kept. lmim's own ``MaskedSwin`` computes its windowed
+attention in fused kernels with no matrix to record: it is analysed through the timm
+``SwinTransformer`` its weights export to (:func:`lmim.export.timm_model`).
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -121,12 +134,7 @@ def attention_distance(
             f"attention over {a.shape[-2]} x {a.shape[-1]} patches, but a {rows}x{cols} grid "
             f"has {rows * cols}: check num_prefix and grid"
         )
-    yy, xx = torch.meshgrid(
-        torch.arange(rows, dtype=torch.float64), torch.arange(cols, dtype=torch.float64),
-        indexing="ij",
-    )  # fmt: skip
-    pos = torch.stack([yy.flatten(), xx.flatten()], -1) * patch_size
-    dist = torch.cdist(pos, pos).to(a.device)  # (L, L)
+    dist = grid_layout(grid, patch_size).distances()[0].to(a.device)  # (L, L)
     return (a * dist).sum(-1).mean(-1)
 
 
@@ -147,6 +155,115 @@ def patch_layout(encoder: nn.Module) -> tuple[int, tuple[int, int], int]:
     return int(prefix), (rows, cols), int(embed.patch_size[0])
 
 
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Where the tokens of one attention module's matrices sit.
+
+    Attributes:
+        cells: (windows, tokens, 2) long: the (row, col) on the module's token ``grid`` of each
+            token, in the order of the matrix rows; one window for global attention.
+        grid: the module's token grid (rows, cols).
+        stride: pixels per grid cell (the patch side; Swin: patch side x 2^stage).
+        num_prefix: leading non-patch tokens (cls, registers) of each matrix.
+    """
+
+    cells: torch.Tensor
+    grid: tuple[int, int]
+    stride: int
+    num_prefix: int = 0
+
+    @property
+    def windows(self) -> int:
+        return self.cells.shape[0]
+
+    def distances(self) -> torch.Tensor:
+        """(windows, tokens, tokens) float64 pixel distances between each window's tokens."""
+        pos = self.cells.double() * self.stride
+        return torch.cdist(pos, pos)
+
+
+def grid_layout(grid: tuple[int, int], patch_size: int, num_prefix: int = 0) -> AttentionLayout:
+    """Global attention over a (rows, cols) patch grid in raster order."""
+    rows, cols = grid
+    cells = torch.stack(
+        torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1
+    ).reshape(1, rows * cols, 2)
+    return AttentionLayout(cells, (rows, cols), int(patch_size), int(num_prefix))
+
+
+def window_layout(
+    resolution: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], stride: int
+) -> AttentionLayout:
+    """Swin's (shifted) windows over a stage grid, in timm's order.
+
+    timm rolls the grid by ``-shift``, so rolled row i holds row (i + shift) mod H, then cuts it
+    into windows in raster order, each window's tokens in raster order.
+
+    Raises:
+        ValueError: the grid is not tiled by the window (timm pads it with tokens that are not
+            in the image).
+    """
+    (h, w), (wh, ww), (sh, sw) = resolution, window, shift
+    if h % wh or w % ww:
+        raise ValueError(
+            f"a {h}x{w} Swin stage grid is not tiled by its {wh}x{ww} windows (timm pads it with "
+            "tokens outside the image): analyse at an image size whose stage grids are multiples "
+            "of the window"
+        )
+    rows = ((torch.arange(h) + sh) % h).view(h // wh, 1, wh, 1).expand(-1, w // ww, -1, ww)
+    cols = ((torch.arange(w) + sw) % w).view(1, w // ww, 1, ww).expand(h // wh, -1, wh, -1)
+    cells = torch.stack([rows, cols], -1).reshape((h // wh) * (w // ww), wh * ww, 2)
+    return AttentionLayout(cells, (h, w), int(stride))
+
+
+def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
+    """One :class:`AttentionLayout` per attention module of ``model`` (:func:`attention_modules`
+    order): the patch grid for a ViT; each block's (shifted) windows for a timm Swin.
+
+    Raises:
+        ValueError: lmim's ``MaskedSwin`` (analyse its timm export), a model without a patch
+            grid, or a Swin stage its windows do not tile.
+    """
+    if type(model).__name__ == "MaskedSwin":
+        raise ValueError(
+            "MaskedSwin computes windowed attention in fused kernels: analyse the timm Swin its "
+            "weights load into (lmim.export.timm_model + encoder_state_dict)"
+        )
+    modules = attention_modules(model)
+    blocks = {
+        id(m.attn): m
+        for m in model.modules()
+        if hasattr(m, "attn") and hasattr(m, "shift_size") and hasattr(m, "input_resolution")
+    }
+    if not blocks:
+        num_prefix, grid, patch_size = patch_layout(model)
+        return [grid_layout(grid, patch_size, num_prefix)] * len(modules)
+    image_rows = int(model.patch_embed.img_size[0])
+    out = []
+    for m in modules:
+        blk = blocks[id(m)]
+        res = tuple(int(v) for v in blk.input_resolution)
+        out.append(
+            window_layout(
+                res,
+                tuple(int(v) for v in blk.window_size),
+                tuple(int(v) for v in blk.shift_size),
+                image_rows // res[0],
+            )
+        )
+    return out
+
+
+def _window_attention(attn: torch.Tensor, layout: AttentionLayout, images: int) -> torch.Tensor:
+    """(B * windows, heads, N, N) recorded matrices as (B, windows, heads, N, N)."""
+    if attn.shape[0] != images * layout.windows:
+        raise ValueError(
+            f"{attn.shape[0]} attention matrices for {images} images and {layout.windows} "
+            "windows: the layout does not belong to this module"
+        )
+    return attn.reshape(images, layout.windows, *attn.shape[1:])
+
+
 @torch.no_grad()
 def analyze_encoder(
     encoder: nn.Module,
@@ -155,49 +272,75 @@ def analyze_encoder(
     grid: tuple[int, int] | None = None,
     patch_size: int | None = None,
     batch_size: int = 16,
+    layouts: list[AttentionLayout] | None = None,
+    progress: bool = False,
 ) -> dict[str, list]:
-    """Per-layer NMI and attention distance of a columnar (global-attention) encoder.
+    """Per-layer NMI and attention distance of an encoder.
 
     The encoder runs on ``images`` in batches of ``batch_size`` (eval mode, nothing masked; only
-    one batch's attention is held at a time); each block's attention is scored per image and
-    head, averaged over images, then over heads.
+    one batch's attention is held at a time); each layer's attention is scored per image, window
+    and head, averaged over windows (one for a ViT), then images, then heads.
 
     Args:
-        encoder: called as ``encoder(images)``; a timm ViT or an lmim ``MaskedViT`` (which then
-            returns its last block only: every block still runs).
+        encoder: called as ``encoder(images)``; a timm ViT or Swin, or an lmim ``MaskedViT``
+            (which then returns its last block only: every block still runs).
         images: (B, C, H, W) normalised images.
-        num_prefix, grid, patch_size: leading non-patch tokens, patch rows and columns, patch
-            side in pixels; by default those of the encoder (:func:`patch_layout`).
+        num_prefix, grid, patch_size: for a columnar encoder, leading non-patch tokens, patch
+            rows and columns and patch side in pixels; by default those of the encoder
+            (:func:`patch_layout`).
+        layouts: per attention module, where its tokens sit; default
+            :func:`attention_layouts` (or the columnar settings above when given).
+        progress: show a progress bar over the images (tqdm, on stderr).
 
     Returns:
         ``nmi`` and ``distance`` (pixels): one value per attention module, in depth order, and
         ``nmi_per_head`` / ``distance_per_head``: per module, one value per head.
     """
-    if num_prefix is None or grid is None or patch_size is None:
-        prefix0, grid0, patch0 = patch_layout(encoder)
-        num_prefix = prefix0 if num_prefix is None else num_prefix
-        grid = grid0 if grid is None else grid
-        patch_size = patch0 if patch_size is None else patch_size
+    if layouts is None:
+        if num_prefix is None and grid is None and patch_size is None:
+            layouts = attention_layouts(encoder)
+        else:
+            prefix0, grid0, patch0 = patch_layout(encoder)
+            layout = grid_layout(
+                grid0 if grid is None else grid,
+                patch0 if patch_size is None else patch_size,
+                prefix0 if num_prefix is None else num_prefix,
+            )
+            layouts = [layout] * len(attention_modules(encoder))
+    dists = {id(lay): lay.distances() for lay in layouts}
     was_training = encoder.training
     encoder.eval()
-    per_image: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []  # per batch: (nmi, dist)
+    per_batch: list[dict[int, tuple[torch.Tensor, torch.Tensor]]] = []  # layer -> (nmi, dist)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(images), desc="images", unit="img", leave=False)
     try:
         for batch in images.split(batch_size):
             with recorded_attention(encoder) as records:
                 encoder(batch)
-            reached = [torch.cat(calls) for calls in records if calls]  # (b, H, N, N) per block
-            per_image.append(
-                (
-                    [attention_nmi(a, num_prefix) for a in reached],
-                    [attention_distance(a, grid, patch_size, num_prefix) for a in reached],
-                )
-            )
+            scores = {}
+            for i, calls in enumerate(records):
+                if not calls:
+                    continue
+                lay = layouts[i]
+                a = _window_attention(torch.cat(calls), lay, len(batch))  # (b, W, H, N, N)
+                nmi = attention_nmi(a, lay.num_prefix).mean(1)  # (b, H)
+                p = _patch_attention(a, lay.num_prefix)
+                dist = (p * dists[id(lay)][None, :, None].to(p.device)).sum(-1).mean(-1).mean(1)
+                scores[i] = (nmi, dist)
+            per_batch.append(scores)
+            if bar is not None:
+                bar.update(len(batch))
     finally:
         encoder.train(was_training)
+        if bar is not None:
+            bar.close()
     out: dict[str, list] = {"nmi": [], "distance": [], "nmi_per_head": [], "distance_per_head": []}
-    for layer in range(len(per_image[0][0])):
-        nmi = torch.cat([b[0][layer] for b in per_image]).mean(0)  # (H,)
-        dist = torch.cat([b[1][layer] for b in per_image]).mean(0)
+    for layer in per_batch[0]:
+        nmi = torch.cat([b[layer][0] for b in per_batch]).mean(0)  # (H,)
+        dist = torch.cat([b[layer][1] for b in per_batch]).mean(0)
         out["nmi_per_head"].append(nmi.tolist())
         out["distance_per_head"].append(dist.tolist())
         out["nmi"].append(float(nmi.mean()))
@@ -257,6 +400,23 @@ def map_settings(
     return queries, layers
 
 
+def _query_map(
+    attn: torch.Tensor, layout: AttentionLayout, pixel: tuple[int, int], images: int
+) -> torch.Tensor:
+    """(B, H_img, W_img) head-averaged attention of the token covering ``pixel`` (row, col),
+    over its window's keys at their pixels; 0 outside the window."""
+    a = _patch_attention(_window_attention(attn, layout, images), layout.num_prefix)
+    cell = torch.tensor([pixel[0] // layout.stride, pixel[1] // layout.stride])
+    window, token = (layout.cells == cell).all(-1).nonzero()[0].tolist()
+    row = a[:, window, :, token, :].mean(1).float()  # (B, N)
+    rows, cols = layout.grid
+    grid = row.new_zeros(images, rows, cols)
+    r, c = layout.cells[window].unbind(-1)
+    grid[:, r, c] = row
+    s = layout.stride
+    return grid.repeat_interleave(s, 1).repeat_interleave(s, 2)
+
+
 @torch.no_grad()
 def attention_maps(
     encoder: nn.Module,
@@ -264,19 +424,23 @@ def attention_maps(
     queries: list[tuple[int, int]] | None = None,
     layers: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Where each query patch attends, at each chosen layer of a columnar encoder.
+    """Where each query patch attends, at each chosen layer.
 
     Args:
-        encoder: as for :func:`analyze_encoder` (a timm ViT or an lmim ``MaskedViT``).
+        encoder: as for :func:`analyze_encoder` (a timm ViT or Swin, or an lmim ``MaskedViT``).
         images: (B, C, H, W) normalised images.
-        queries: (row, column) patches; default :func:`spread_queries`.
+        queries: (row, column) patches on the first layer's patch grid; default
+            :func:`spread_queries`.
         layers: 0-indexed attention layers; default :func:`spread_layers` (4 of them).
 
     Returns:
-        ``maps``: (layers, B, queries, rows, cols) head-averaged attention, ``queries``,
-        ``layers``, ``grid`` and ``patch_size``.
+        ``maps``: (layers, B, queries, H, W) head-averaged attention of the token that covers
+        the query patch, over the image's pixels (each key's weight on the pixels of its token;
+        for Swin, 0 outside the query's window), ``queries``, ``layers``, ``grid`` (the patch
+        grid) and ``patch_size``.
     """
-    num_prefix, grid, patch_size = patch_layout(encoder)
+    _, grid, patch_size = patch_layout(encoder)
+    layouts = attention_layouts(encoder)
     queries, layers = map_settings(encoder, queries, layers)
     was_training = encoder.training
     encoder.eval()
@@ -285,18 +449,25 @@ def attention_maps(
             encoder(images)
     finally:
         encoder.train(was_training)
-    recorded = [torch.cat(calls) for calls in records if calls]
     maps = torch.stack(
         [
             torch.stack(
-                [query_attention(recorded[layer], r * grid[1] + c, num_prefix) for r, c in queries],
+                [
+                    _query_map(
+                        torch.cat(records[layer]),
+                        layouts[layer],
+                        (r * patch_size, c * patch_size),
+                        len(images),
+                    )
+                    for r, c in queries
+                ],
                 1,
             )
             for layer in layers
         ]
-    )  # (layers, B, queries, patches)
+    )  # (layers, B, queries, H, W)
     return {
-        "maps": maps.reshape(len(layers), len(images), len(queries), *grid),
+        "maps": maps,
         "queries": queries,
         "layers": layers,
         "grid": grid,

@@ -7,7 +7,8 @@ between query and key patches and the mean attention distance (:mod:`lmim.analys
 ``num_images`` images of the data group's val split; and, for the first ``maps.images`` of them,
 where chosen query patches attend at chosen layers. Writes ``analysis.json``, ``nmi.png`` and
 ``attention_distance.png`` (one line per encoder against depth) and ``attention_maps.png`` into
-the run folder and prints their paths. Columnar encoders (ViT) only so far.
+the run folder and prints their paths. ViT (global attention) and Swin (inside windows, averaged
+over the windows of an image; see :mod:`lmim.analysis`) encoders.
 """
 
 from __future__ import annotations
@@ -74,6 +75,25 @@ def load_export(path: str, timm_model: str | None, img_size: int) -> torch.nn.Mo
     return model.eval()
 
 
+def analysable(net: torch.nn.Module) -> torch.nn.Module:
+    """The encoder of a pre-training model as :mod:`lmim.analysis` reads it: a ``MaskedViT``
+    as it is (timm blocks), a ``MaskedSwin`` as the timm ``SwinTransformer`` its weights export
+    to (its masked forward computes windowed attention in fused kernels, with no attention
+    matrix to record; the export holds the same weights, loaded strictly, and the encoder's
+    LayerNorm epsilon, so that it computes the same function)."""
+    from functools import partial
+
+    from lmim.export import encoder_state_dict, timm_model
+    from lmim.models.swin import MaskedSwin
+
+    enc = net.encoder
+    if isinstance(enc, MaskedSwin):
+        swin = timm_model(enc, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+        swin.load_state_dict(encoder_state_dict(net), strict=True)
+        return swin.eval()
+    return enc
+
+
 def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     """``{label: encoder}``: each checkpoint (labelled by its run folder), each export (by its
     file name), then ``init_model``."""
@@ -83,36 +103,43 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
             "exports=[encoder.pth,...] with timm_model=<name> (from lmim.export), and/or "
             "init_model=<model name> for a random-init baseline"
         )
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
-    from lmim.linprobe import load_encoder
+    from lmim import create_pretrainer
+    from lmim.export import load_pretrainer
     from lmim.models.vit import MaskedViT
 
+    size = int(cfg.data.img_size)
     found: dict[str, torch.nn.Module] = {}
     for path in cfg.checkpoints or []:
         p = Path(str(path))
         run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
         label = run if run and run not in found else str(p)
-        found[label] = load_encoder(str(p), None, cfg.data.img_size)
-    for path in cfg.get("exports") or []:
-        found[Path(str(path)).name] = load_export(
-            str(path), cfg.get("timm_model"), cfg.data.img_size
-        )
-    if cfg.init_model:
-        found[f"{cfg.init_model} (random init)"] = load_encoder(
-            None, cfg.init_model, cfg.data.img_size
-        )
-    for label, enc in found.items():
-        if not isinstance(enc, MaskedViT | VisionTransformer):
-            name = type(enc).__name__
-            why = (
-                "Swin's windowed attention is not analysed yet"
-                if "Swin" in name
-                else "it has no attention layers to analyse"
-            )
+        net = load_pretrainer(str(p))
+        if net.encoder.img_size != size:
             raise ConfigError(
-                f"{label}: lmim.analyze reads columnar encoders (ViT) so far, not {name}: {why}"
+                f"data.img_size={size} but {p} was pre-trained at {net.encoder.img_size} px: "
+                f"set data.img_size={net.encoder.img_size}"
             )
+        found[label] = analysable(net)
+    for path in cfg.get("exports") or []:
+        found[Path(str(path)).name] = load_export(str(path), cfg.get("timm_model"), size)
+    if cfg.init_model:
+        net = create_pretrainer(cfg.init_model, img_size=size)
+        found[f"{cfg.init_model} (random init)"] = analysable(net)
+    from lmim.analysis import attention_layouts
+
+    for label, enc in found.items():
+        if not isinstance(enc, MaskedViT | VisionTransformer | SwinTransformer):
+            raise ConfigError(
+                f"{label}: lmim.analyze reads ViT and Swin encoders, not {type(enc).__name__}: "
+                "it has no attention layers to analyse"
+            )
+        try:
+            attention_layouts(enc)
+        except ValueError as err:
+            raise ConfigError(f"{label}: {err} (data.img_size={size})") from err
     return found
 
 
@@ -143,7 +170,6 @@ def attention_maps_figure(pictures: torch.Tensor, found: dict[str, dict[str, Any
     Returns:
         A ``matplotlib.figure.Figure`` (no pyplot state touched).
     """
-    import numpy as np
     from matplotlib.figure import Figure
 
     rows = [
@@ -171,18 +197,106 @@ def attention_maps_figure(pictures: torch.Tensor, found: dict[str, dict[str, Any
             name, amap = panels[j]
             ax.imshow(image)
             if amap is not None:
-                ax.imshow(np.kron(amap / amap.max(), np.ones((p, p))), cmap="inferno", alpha=0.6)
+                ax.imshow(amap / amap.max(), cmap="inferno", alpha=0.6)
             ax.plot(c * p + p / 2 - 0.5, r * p + p / 2 - 0.5, "x", color="cyan", ms=6, mew=2)
             title = f"{label}\nquery ({r}, {c})" if j == 0 else name
             ax.set_title(title, fontsize=6)
     return fig
 
 
+def wandb_target(cfg: DictConfig) -> tuple[DictConfig | None, str | None]:
+    """The ``logger.wandb`` node (None without ``logger=wandb``) and the W&B run id to add the
+    analysis to: ``wandb_run`` as a run id, or the id an lmim.train run folder recorded in its
+    ``wandb_run_id`` file (None: a new run)."""
+    from lmim.utils import WANDB_ID_FILE
+
+    node = (cfg.get("logger") or {}).get("wandb")
+    ref = cfg.get("wandb_run")
+    if not ref:
+        return node, None
+    if node is None:
+        raise ConfigError(
+            f"wandb_run={ref} is only used with W&B logging: add logger=wandb to the command"
+        )
+    path = Path(str(ref))
+    if path.is_dir():
+        file = path / WANDB_ID_FILE
+        if not file.is_file() or not file.read_text().strip():
+            raise ConfigError(
+                f"wandb_run={ref}: the folder has no {WANDB_ID_FILE} file: pass the run folder "
+                "of an lmim.train run that logged to W&B (logger=wandb), or a W&B run id"
+            )
+        return node, file.read_text().strip()
+    if "/" in str(ref) or not str(ref).isalnum():
+        raise ConfigError(
+            f"wandb_run={ref} is neither a run folder nor a W&B run id (letters and digits, "
+            "e.g. wandb_run=3kz9x0qa)"
+        )
+    return node, str(ref)
+
+
+def log_to_wandb(
+    node: DictConfig, run_id: str | None, record: dict[str, Any], paths: dict[str, Path]
+) -> str:
+    """Log the analysis to W&B (offline without an API key): the per-layer table, the NMI and
+    attention-distance line plots and the three figures in one row, each encoder's mean NMI in
+    the summary. Returns the run id."""
+    from omegaconf import OmegaConf
+
+    from lmim.utils import build_loggers, finish_wandb
+
+    # A new run is an analysis job; an existing run keeps its own name, group, tags and type.
+    keep = {"name": None, "group": None, "tags": None, "job_type": None}
+    resolved = OmegaConf.to_container(node, resolve=True)
+    node = OmegaConf.merge(resolved, keep if run_id else {"job_type": "analyze"})
+    (logger,) = build_loggers(OmegaConf.create({"wandb": node}), run_id)
+    try:
+        import wandb
+
+        run = logger.experiment
+        results = record["encoders"]
+        rows = [
+            [label, layer + 1, r["nmi"][layer], r["distance"][layer]]
+            for label, r in results.items()
+            for layer in range(len(r["nmi"]))
+        ]
+        table = wandb.Table(columns=["encoder", "layer", "nmi", "attention_distance_px"], data=rows)
+        labels = list(results)
+        xs = [list(range(1, len(results[k]["nmi"]) + 1)) for k in labels]
+
+        def lines(key: str, title: str):
+            return wandb.plot.line_series(
+                xs=xs, ys=[results[k][key] for k in labels], keys=labels, title=title,
+                xname="layer",
+            )  # fmt: skip
+
+        run.log(
+            {
+                "analysis/layers": table,
+                "analysis/nmi": lines("nmi", "NMI (query; key) per layer"),
+                "analysis/attention_distance": lines("distance", "attention distance (px)"),
+                "analysis/nmi_png": wandb.Image(str(paths["nmi"])),
+                "analysis/attention_distance_png": wandb.Image(str(paths["attention_distance"])),
+                "analysis/attention_maps_png": wandb.Image(str(paths["attention_maps"])),
+            }
+        )
+        for label, r in results.items():
+            run.summary[f"analysis/{label}/nmi_mean"] = sum(r["nmi"]) / len(r["nmi"])
+            run.summary[f"analysis/{label}/nmi_first"] = r["nmi"][0]
+            run.summary[f"analysis/{label}/nmi_last"] = r["nmi"][-1]
+        run.summary["analysis/num_images"] = record["num_images"]
+        return run.id
+    finally:
+        finish_wandb()
+
+
 def analyze(cfg: DictConfig) -> dict[str, Any]:
-    """Score every encoder; write the JSON and the two figures; return their paths."""
+    """Score every encoder; write the JSON and the figures (and log them to W&B with
+    ``logger=wandb``); return their paths."""
     from lmim.analysis import analyze_encoder, attention_maps, map_settings
     from lmim.data.transforms import denormalize
 
+    wandb_node, wandb_id = wandb_target(cfg)  # checked before anything is computed
     nets = encoders(cfg)
     maps_cfg = cfg.get("maps") or {}
     queries, layers = maps_cfg.get("queries"), maps_cfg.get("layers")
@@ -200,7 +314,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     n_maps = min(int(maps_cfg.get("images", 1)), len(images))
     results, maps = {}, {}
     for label, enc in nets.items():
-        results[label] = analyze_encoder(enc, images)
+        results[label] = analyze_encoder(enc, images, progress=True)
         log.info("%s: NMI per layer %s", label, [round(v, 3) for v in results[label]["nmi"]])
         maps[label] = attention_maps(enc, images[:n_maps], *settings[label])
         results[label]["maps"] = {
@@ -223,6 +337,9 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     stats = {} if mean is None or std is None else {"mean": list(mean), "std": list(std)}
     figure = attention_maps_figure(denormalize(images[:n_maps], **stats), maps)
     figure.savefig(paths["attention_maps"], dpi=110)
+    if wandb_node is not None:
+        run_id = log_to_wandb(wandb_node, wandb_id, record, paths)
+        log.info("logged the analysis to W&B run %s", run_id)
     return paths
 
 
