@@ -24,14 +24,17 @@ against the same fine-tune from random weights (``python -m lmim.finetune``). Wr
 ``--out``: ``results.md`` and ``results.json`` (every evaluation, mean and range over seeds,
 random-init, raw-pixel and from-scratch levels, the device-minutes LocalMIM needed to pass each
 MAE arm's final accuracy) and, through ``lmim.report``, ``report/budget.png`` and
-``report/budget.md``.
+``report/budget.md``. With ``--analyze``, ``python -m lmim.analyze`` also scores each seed's
+final encoders and initial weights (NMI and attention distance per block, attention maps) into
+``analysis/``, and the tables gain the per-block means over seeds.
 
     python benchmarks/budget.py                    # 5-minute budget, 2 seeds: ~80 min, 2 cores
     python benchmarks/budget.py --minutes 15       # the 6/9/12/15-minute points: ~2.5 h
     python benchmarks/budget.py --minutes 0.3 --seeds 0 --eval-train 500 --eval-test 500 \\
         --finetune-images 256 --finetune-test 256 --out /tmp/budget   # a smoke run
     python benchmarks/budget.py --minutes 10 --out outputs/ablations --arms localmim-sized \\
-        localmim-single-scale localmim-top-only localmim-isolated      # the ablation study
+        mae-sized localmim-single-scale localmim-top-only localmim-isolated \\
+        --equal-steps-arms --finetune-epochs 0 --analyze    # the ablation and attention study
 
 Finished stages are kept: re-running the same command after an interruption skips them (a timed
 run that did not finish is started again from scratch, since a resumed one would not be timed
@@ -308,6 +311,71 @@ def run_finetune(args, run_dir: Path, source: list[str]) -> float:
     return top1
 
 
+# ---- attention analysis ----------------------------------------------------------------------
+
+
+def run_analysis(args, out: Path, points_by_run: dict, seed: int) -> dict:
+    """``python -m lmim.analyze`` on the seed's final encoder of every arm and on its initial
+    weights (``budget_start.ckpt``, shared by the arms), on ``--analysis-images`` test images;
+    returns its ``analysis.json``."""
+    run_dir = out / "analysis" / f"s{seed}"
+    result = run_dir / "analysis.json"
+    if result.is_file():
+        return json.loads(result.read_text())
+    ckpts = [points_by_run[arm, seed]["end"]["path"] for arm in args.arms]
+    ckpts.append(points_by_run[args.arms[0], seed]["start"]["path"])
+    cmd = [
+        sys.executable,
+        "-m",
+        "lmim.analyze",
+        f"checkpoints=[{','.join(map(str, ckpts))}]",
+        f"labels=[{','.join([*args.arms, 'random init'])}]",
+        "data=fashion_mnist",
+        f"data.img_size={args.img_size}",
+        *([f"data.root={args.data_root}"] if args.data_root else []),
+        f"num_images={args.analysis_images}",
+        "maps.images=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    log("run: " + " ".join(cmd[1:]))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "stdout.log", "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode or not result.is_file():
+        raise SystemExit(f"analysis failed (exit {proc.returncode}); see {run_dir}/stdout.log")
+    return json.loads(result.read_text())
+
+
+def summarise_analysis(records: list[dict]) -> dict:
+    """Per encoder label and layer, NMI and attention distance as mean (min–max) over seeds."""
+    out: dict = {}
+    for label in records[0]["encoders"]:
+        per_seed = [r["encoders"][label] for r in records]
+        out[label] = {
+            key: [stats([s[key][i] for s in per_seed]) for i in range(len(per_seed[0][key]))]
+            for key in ("nmi", "distance")
+        }
+    return out
+
+
+def plot_analysis(summary: dict, key: str, ylabel: str, path: Path) -> None:
+    """One line per encoder (mean over seeds), shaded between the seeds' min and max."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for label, v in summary.items():
+        xs = range(1, len(v[key]) + 1)
+        line = ax.plot(xs, [s["mean"] for s in v[key]], marker="o", ms=3, label=label)
+        lo, hi = [s["min"] for s in v[key]], [s["max"] for s in v[key]]
+        ax.fill_between(xs, lo, hi, color=line[0].get_color(), alpha=0.2, lw=0)
+    ax.set_xlabel("block")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, dpi=130)
+
+
 # ---- summary ---------------------------------------------------------------------------------
 
 
@@ -462,6 +530,25 @@ def write_markdown(args, res: dict, path: Path, command: str) -> None:
         ]
         for a, v in res["finetune"].items():
             lines.append(f"| {a} | {fmt(v)} |")
+    if res.get("analysis"):
+        n = len(next(iter(res["analysis"].values()))["nmi"])
+        lines += [
+            "",
+            f"## Attention per block ({args.analysis_images} test images; "
+            "`python -m lmim.analyze`, figures in `analysis/`)",
+        ]
+        for key, name in (("nmi", "NMI (query; key)"), ("distance", "attention distance (px)")):
+            lines += [
+                "",
+                f"{name}, final encoders and the shared initial weights:",
+                "",
+                "| encoder | " + " | ".join(f"block {i + 1}" for i in range(n)) + " |",
+                "|---|" + "---|" * n,
+            ]
+            digits = 3 if key == "nmi" else 1
+            for label, v in res["analysis"].items():
+                row = [fmt(s, digits) for s in v[key]]
+                lines.append(f"| {label} | " + " | ".join(row) + " |")
     lines += [
         "",
         "Loss and k-NN against device-hours: `report/budget.png` (`python -m lmim.report`).",
@@ -524,6 +611,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="lmim.finetune overrides on top of recipe=small (default: without Mixup/CutMix, "
         "RandAugment and random erasing, which keep a 2-epoch fine-tune near chance)",
     )
+    p.add_argument(
+        "--analyze",
+        action="store_true",
+        help="also run python -m lmim.analyze on each seed's final encoders and initial weights "
+        "(NMI and attention distance per layer, attention maps)",
+    )
+    p.add_argument("--analysis-images", type=int, default=256, help="test images analysed")
     p.add_argument("--finetune-epochs", type=int, default=2)
     p.add_argument("--finetune-images", type=int, default=5_000)
     p.add_argument("--finetune-test", type=int, default=2_000)
@@ -629,6 +723,16 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     res = summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_eq)
+    if args.analyze:
+        records = [run_analysis(args, out, points_by_run, seed) for seed in args.seeds]
+        res["analysis"] = summarise_analysis(records)
+        plot_analysis(res["analysis"], "nmi", "NMI (query; key)", out / "analysis" / "nmi.png")
+        plot_analysis(
+            res["analysis"],
+            "distance",
+            "mean attention distance (px)",
+            out / "analysis" / "attention_distance.png",
+        )
     res["wall_minutes"] = (time.perf_counter() - t_start) / 60
     (out / "results.json").write_text(json.dumps(res, indent=1))
     write_markdown(args, res, out / "results.md", command)

@@ -498,7 +498,7 @@ def test_readme_swin_analysis_logged_to_wandb(tmp_path):
 
     run = tmp_path / "run"
     proc = runs.cli(
-        "init_model=swin_test", "data.img_size=64", "logger=wandb", "num_images=8",
+        "init_model=swin_test", "data.img_size=64", "logger=wandb",
         f"hydra.run.dir={run}", cwd=tmp_path, module="lmim.analyze",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -219,7 +219,8 @@ def test_budget_benchmark_end_to_end(tmp_path):
     the last checkpoint again gives the same accuracies), the arms of a seed share the
     initialisation, the equal-steps MAE run makes exactly LocalMIM's steps, fine-tunes and the
     from-scratch level are reported, and results.md, results.json and the lmim.report PNG are
-    written. A second call keeps every finished stage."""
+    written. A second call keeps every finished stage, and with --analyze adds lmim.analyze's
+    per-block NMI and distance of each final encoder and of the initial weights."""
     bench = load_bench()
     out = tmp_path / "bench"
     argv = [
@@ -273,10 +274,23 @@ def test_budget_benchmark_end_to_end(tmp_path):
     text = (out / "results.md").read_text()
     assert "## Equal time: 20-NN, last block" in text and "from scratch" in text
     assert (out / "report" / "budget.png").stat().st_size > 10_000
-    # a second call keeps every finished stage and gives the same table
-    again = bench.main(argv)
+    # a second call keeps every finished stage and gives the same table; with --analyze it adds
+    # the attention analysis of the final encoders and the shared initial weights
+    again = bench.main([*argv, "--analyze", "--analysis-images", "16"])
     assert again["equal_time"] == res["equal_time"]
     assert again["finetune"] == res["finetune"]
+    assert list(again["analysis"]) == ["localmim-sized", "mae-sized", "random init"]
+    record = json.loads((out / "analysis" / "s0" / "analysis.json").read_text())
+    assert record["num_images"] == 16
+    for label, v in again["analysis"].items():  # one seed: the mean is that seed's number
+        assert len(v["nmi"]) == len(v["distance"]) == 8
+        nmi = [s["mean"] for s in v["nmi"]]
+        assert nmi == record["encoders"][label]["nmi"]
+        assert all(0 <= x <= 1 for x in nmi)
+    assert again["analysis"]["mae-sized"]["nmi"] != again["analysis"]["random init"]["nmi"]
+    assert "## Attention per block (16 test images" in (out / "results.md").read_text()
+    for name in ("nmi.png", "attention_distance.png", "s0/attention_maps.png"):
+        assert (out / "analysis" / name).stat().st_size > 5_000
 
 
 def test_ablation_arms_build_the_schedules_they_name(make_cfg):

@@ -96,7 +96,7 @@ def analysable(net: torch.nn.Module) -> torch.nn.Module:
 
 def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     """``{label: encoder}``: each checkpoint (labelled by its run folder), each export (by its
-    file name), then ``init_model``."""
+    file name), then ``init_model``; ``labels`` renames them in that order."""
     if not (cfg.checkpoints or cfg.get("exports") or cfg.init_model):
         raise ConfigError(
             "nothing to analyze: pass checkpoints=[path/to/last.ckpt,...] (from lmim.train), "
@@ -128,6 +128,14 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     if cfg.init_model:
         net = create_pretrainer(cfg.init_model, img_size=size)
         found[f"{cfg.init_model} (random init)"] = analysable(net)
+    names = list(cfg.get("labels") or [])
+    if names:
+        if len(names) != len(found) or len(set(map(str, names))) != len(names):
+            raise ConfigError(
+                f"labels={names} must name the {len(found)} encoders once each, in the order "
+                "checkpoints, exports, init_model (or leave labels=[] for the run folders' names)"
+            )
+        found = dict(zip(map(str, names), found.values(), strict=True))
     from lmim.analysis import attention_layouts
 
     for label, enc in found.items():
