@@ -249,11 +249,11 @@ def evaluations(pretrained, tmp_path_factory):
         "finetune": ("lmim.finetune", [ckpt, "recipe=small", *fmnist, *ft]),
         # python -m lmim.finetune init_model=vit_tiny data.img_size=32 recipe=small
         "scratch": ("lmim.finetune", ["init_model=vit_tiny", "data.img_size=32", "recipe=small",
-                    *fmnist, *ft]),
+                    *fmnist, *ft, "logger=wandb"]),
         # python -m lmim.linprobe checkpoint=... data=imagefolder data.root=/data/imagenet
         "linprobe-folder": ("lmim.linprobe", [ckpt, "data=imagefolder", f"data.root={folder}",
                             "data.img_size=32", "data.batch_size=16", "probe.batch_size=16",
-                            "trainer.max_epochs=20", *FAST]),
+                            "trainer.max_epochs=20", *FAST, "logger=wandb"]),
         # python -m lmim.finetune checkpoint=... data=imagefolder data.root=... recipe=vit_b
         "finetune-folder": ("lmim.finetune", [ckpt, "data=imagefolder", f"data.root={folder}",
                             "recipe=vit_b", "data.img_size=32", "data.batch_size=8", *ft]),
@@ -318,6 +318,19 @@ def test_readme_finetune_from_scratch(evaluations):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "init_model=vit_tiny: training from randomly initialised weights" in proc.stdout
     assert printed(proc, "val/top5") >= printed(proc, "val/top1")
+    assert_logged_to_wandb(evaluations[1] / "scratch" / "run", "finetune", printed(proc, "val/top1"))
+
+
+def assert_logged_to_wandb(run, task: str, top1: float) -> None:
+    """With logger=wandb, the job logged an offline W&B run of its own job type whose last
+    val/top1 is the one it printed."""
+    from lmim.wandb_file import read_wandb_file
+
+    (file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    logged = read_wandb_file(file)
+    assert logged.job_type == logged.group == task and logged.tags == [task]
+    top1s = [h["val/top1"] for h in logged.history if "val/top1" in h]
+    assert top1s and top1s[-1] == pytest.approx(top1, abs=1e-4)
 
 
 @needs_fmnist
@@ -328,6 +341,8 @@ def test_readme_evaluation_on_an_imagefolder(evaluations):
     probe = cmds.result("linprobe-folder")
     assert probe.returncode == 0, probe.stderr[-3000:]
     assert printed(probe, "val/top1") >= 0.5 and printed(probe, "val/top5") == 1.0
+    run = evaluations[1] / "linprobe-folder" / "run"
+    assert_logged_to_wandb(run, "linprobe", printed(probe, "val/top1"))
     tune = cmds.result("finetune-folder")
     assert tune.returncode == 0, tune.stderr[-3000:]
     assert "new: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in tune.stdout

@@ -253,10 +253,10 @@ def log_to_wandb(
 
     from lmim.utils import build_loggers, finish_wandb
 
-    # A new run is an analysis job; an existing run keeps its own name, group, tags and type.
+    # An existing run keeps its own name, group, tags and job type.
     keep = {"name": None, "group": None, "tags": None, "job_type": None}
     resolved = OmegaConf.to_container(node, resolve=True)
-    node = OmegaConf.merge(resolved, keep if run_id else {"job_type": "analyze"})
+    node = OmegaConf.merge(resolved, keep if run_id else {})
     (logger,) = build_loggers(OmegaConf.create({"wandb": node}), run_id)
     try:
         import wandb
