@@ -318,7 +318,8 @@ def test_readme_finetune_from_scratch(evaluations):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "init_model=vit_tiny: training from randomly initialised weights" in proc.stdout
     assert printed(proc, "val/top5") >= printed(proc, "val/top1")
-    assert_logged_to_wandb(evaluations[1] / "scratch" / "run", "finetune", printed(proc, "val/top1"))
+    run = evaluations[1] / "scratch" / "run"
+    assert_logged_to_wandb(run, "finetune", printed(proc, "val/top1"))
 
 
 def assert_logged_to_wandb(run, task: str, top1: float) -> None:
