@@ -34,7 +34,7 @@ final encoders and initial weights (NMI and attention distance per block, attent
         --finetune-images 256 --finetune-test 256 --out /tmp/budget   # a smoke run
     python benchmarks/budget.py --minutes 10 --out outputs/ablations --arms localmim-sized \\
         mae-sized localmim-single-scale localmim-top-only localmim-isolated \\
-        --equal-steps-arms --finetune-epochs 0 --analyze    # the ablation and attention study
+        --equal-steps-arms --finetune-epochs 0 --eval-points last --analyze   # the ablation study
 
 Finished stages are kept: re-running the same command after an interruption skips them (a timed
 run that did not finish is started again from scratch, since a resumed one would not be timed
@@ -212,19 +212,29 @@ def raw_pixel_levels(data: EvalData) -> dict[str, float]:
     }
 
 
-def evaluate_run(run_dir: Path, points: dict, data: EvalData, cache: dict) -> list[dict]:
-    """Evaluate every budget checkpoint of a run; rows also go to ``<run>/evals.csv`` (read by
-    ``lmim.report``). ``cache`` maps an encoder-weights digest to its result, so the shared
-    initialisation is evaluated once per seed."""
+def evaluate_run(
+    run_dir: Path, points: dict, data: EvalData, cache: dict, last_only: bool = False
+) -> list[dict]:
+    """Evaluate every budget checkpoint of a run (``last_only``: the initialisation and the
+    last one); rows also go to ``<run>/evals.csv`` (read by ``lmim.report``). ``cache`` maps an
+    encoder-weights digest to its result, so the shared initialisation is evaluated once per
+    seed."""
     csv_path = run_dir / EVALS_FILE
     if csv_path.is_file():
         return [{k: _num(v) for k, v in r.items()} for r in read_evals(run_dir)]
     rows = []
-    for name, p in points.items():
-        if name == "end" and any(
-            q["step"] == p["step"] for n, q in points.items() if n not in ("end", "start")
-        ):
-            continue  # the last budget point is the end of training
+    todo = [
+        (name, p)
+        for name, p in points.items()
+        # the last budget point is the end of training
+        if not (
+            name == "end"
+            and any(q["step"] == p["step"] for n, q in points.items() if n not in ("end", "start"))
+        )
+    ]
+    if last_only:
+        todo = [todo[0], todo[-1]] if len(todo) > 1 else todo
+    for name, p in todo:
         net = load_pretrainer(p["path"])
         digest = _digest(net.encoder)
         if digest not in cache:
@@ -410,9 +420,12 @@ def minutes_to_reach(curve: list[tuple[float, float]], level: float) -> float | 
 def summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_eq) -> dict:
     points = [f * args.minutes for f in FRACTIONS]
     table: dict = {}
+    evaluated = list(enumerate(points))
+    if args.eval_points == "last":
+        evaluated = evaluated[-1:]
     for arm in args.arms:
         table[arm] = {}
-        for i, m in enumerate(points):
+        for i, m in evaluated:
             # a run whose cosine ended before a point holds its final encoder there
             rows = [runs[min(i + 1, len(runs) - 1)] for runs in equal_time[arm].values()]
             rows = [r for r in rows if r["name"] != "start"]
@@ -589,6 +602,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=0.97,
         help="cosine length = margin x budget / calibrated step time",
     )
+    p.add_argument(
+        "--eval-points",
+        choices=["all", "last"],
+        default="all",
+        help="evaluate every budget point, or only the last one (and the initialisation)",
+    )
     p.add_argument("--eval-train", type=int, default=10_000, help="k-NN / probe train images")
     p.add_argument("--eval-test", type=int, default=5_000, help="k-NN / probe test images")
     p.add_argument(
@@ -678,7 +697,9 @@ def main(argv: list[str] | None = None) -> dict:
     equal_time = {arm: {} for arm in args.arms}
     init_rows = {}
     for (arm, seed), pts in points_by_run.items():
-        rows = evaluate_run(out / "equal_time" / f"{arm}-s{seed}", pts, data, cache)
+        rows = evaluate_run(
+            out / "equal_time" / f"{arm}-s{seed}", pts, data, cache, args.eval_points == "last"
+        )
         equal_time[arm][seed] = rows
         init_rows.setdefault(seed, rows[0])
     init = {k: stats([r[f"eval/{k}_top1"] for r in init_rows.values()]) for k in EVAL_KEYS}

@@ -279,33 +279,50 @@ def test_readme_analysis_of_a_random_baseline(tmp_path):
             ["init_model=vit_test", "data.img_size=64", "maps.queries=[[9,9]]"],
             "lmim: error: maps: vit_test (random init): query (9, 9) is outside the 4x4 patch grid",
         ),
-        (
-            ["init_model=swin_test", "data.img_size=96"],
-            "lmim: error: swin_test (random init): a 6x6 Swin stage grid is not tiled by its 4x4 "
-            "windows (timm pads it with tokens outside the image)",
-        ),
-        (
-            ["init_model=vit_test", "wandb_run=3kz9x0qa"],
-            "lmim: error: wandb_run=3kz9x0qa is only used with W&B logging: add logger=wandb",
-        ),
-        (
-            ["init_model=vit_test", "logger=wandb", "wandb_run=no/such/run"],
-            "lmim: error: wandb_run=no/such/run is neither a run folder nor a W&B run id",
-        ),
-        (
-            ["init_model=vit_test", "logger=wandb", "wandb_run=."],
-            "lmim: error: wandb_run=.: the folder has no wandb_run_id file",
-        ),
     ],
 )
 def test_analyze_refuses_in_one_line(tmp_path, args, message):
     """Nothing to analyze, an export without its timm name or file, a query outside the patch
-    grid, a Swin whose windows do not tile a stage, a W&B run without W&B logging or that is
-    neither a run folder nor an id: one line on stderr naming the fix, exit status 2."""
+    grid: one line on stderr naming the fix, exit status 2."""
     proc = runs.cli(*args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, module="lmim.analyze")
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["init_model=swin_test", "data.img_size=96"],
+            "swin_test (random init): a 6x6 Swin stage grid is not tiled by its 4x4 windows "
+            "(timm pads it with tokens outside the image)",
+        ),
+        (["init_model=vit_test", "labels=[a,b]"], "labels=['a', 'b'] must name the 1 encoders"),
+        (
+            ["init_model=vit_test", "wandb_run=3kz9x0qa"],
+            "wandb_run=3kz9x0qa is only used with W&B logging: add logger=wandb",
+        ),
+        (
+            ["init_model=vit_test", "logger=wandb", "wandb_run=no/such/run"],
+            "wandb_run=no/such/run is neither a run folder nor a W&B run id",
+        ),
+        (
+            ["init_model=vit_test", "logger=wandb", "wandb_run=."],
+            "wandb_run=.: the folder has no wandb_run_id file",
+        ),
+    ],
+)
+def test_analyze_refuses_before_reading_images(make_cfg, args, message):
+    """A Swin whose windows do not tile a stage, labels that do not match the encoders, a W&B
+    run without W&B logging or that is neither a run folder nor an id: the ConfigError (which
+    the command prints as its one ``lmim: error:`` line, as above) names the fix."""
+    from lmim.analyze import analyze
+    from lmim.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        analyze(make_cfg([*args, "data.num_workers=0"], config_name="analyze"))
+    assert str(err.value).startswith(message)
 
 
 def test_a_checkpoint_and_its_timm_export_give_the_same_analysis():
