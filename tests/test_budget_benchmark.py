@@ -211,6 +211,25 @@ def test_a_run_that_ended_early_counts_at_every_later_point():
     assert table["5"]["device_minutes"]["min"] == pytest.approx(3.0)
 
 
+def test_eval_points_last_tabulates_only_the_last_point():
+    """--eval-points last: each run holds its initialisation and its last evaluation; the table
+    has the last budget point only (not the last encoder copied to the earlier points)."""
+    bench = load_bench()
+    args = bench.parse(["--minutes", "5", "--arms", "mae-sized", "--eval-points", "last"])
+
+    def row(name, minutes, step, acc):
+        r = {"name": name, "perf/device_hours": minutes / 60, "trainer/global_step": step}
+        return r | {f"eval/{k}_top1": acc for k in bench.EVAL_KEYS}
+
+    runs = {0: [row("start", 0, 0, 60), row("5min", 5, 50, 70)],
+            1: [row("start", 0, 0, 60), row("end", 4.5, 45, 74)]}  # fmt: skip
+    res = bench.summarise(args, {}, {"mae-sized": runs}, {}, {}, {}, {}, [])
+    table = res["equal_time"]["mae-sized"]
+    assert list(table) == ["5"]
+    assert table["5"]["knn_last"] == {"mean": 72.0, "min": 70.0, "max": 74.0, "n": 2}
+    assert table["5"]["steps"]["min"] == 45
+
+
 @pytest.mark.slow
 @needs_fmnist
 def test_budget_benchmark_end_to_end(tmp_path):
