@@ -47,6 +47,19 @@ def nmi_by_loops(attn: list[list[float]]) -> float:
     return mutual / math.sqrt(math.log(q) * h_k)
 
 
+def attend_uniformly(model: nn.Module) -> nn.Module:
+    """Zero every attention's q and k projections (and Swin's relative-position bias): each
+    query then attends uniformly over the keys it may see."""
+    with torch.no_grad():
+        for m in attention_modules(model):
+            d = m.qkv.in_features
+            m.qkv.weight[: 2 * d].zero_()
+            m.qkv.bias[: 2 * d].zero_()
+            if hasattr(m, "relative_position_bias_table"):
+                m.relative_position_bias_table.zero_()
+    return model
+
+
 def test_nmi_of_known_attention():
     """Uniform rows: 0; each query on a key of its own: 1; all queries on one key: 0 (H(K) = 0);
     two groups of two queries, each spread over its group's two keys: log 2 / log 4 = 0.5."""
@@ -122,10 +135,7 @@ def test_uniform_attention_encoder_scores_zero_nmi_and_the_mean_distance():
     at each of its 8 layers and the mean pairwise distance of its 4x4 patch grid."""
     encoder = create_pretrainer("vit_test", img_size=64).encoder
     assert patch_layout(encoder) == (1, (4, 4), 16)
-    with torch.no_grad():
-        for block in encoder.blocks:
-            block.attn.qkv.weight[: 2 * 64].zero_()
-            block.attn.qkv.bias[: 2 * 64].zero_()
+    attend_uniformly(encoder)
     out = analyze_encoder(encoder, torch.randn(3, 3, 64, 64))
     assert len(out["nmi"]) == encoder.depth == 8
     assert out["nmi"] == pytest.approx([0] * 8, abs=1e-9)
@@ -178,10 +188,7 @@ def test_attention_maps_of_a_uniform_encoder():
     assert spread_layers(8) == [0, 2, 5, 7] and spread_layers(12) == [0, 4, 7, 11]
     assert spread_layers(3) == [0, 1, 2]
     encoder = create_pretrainer("vit_test", img_size=64).encoder
-    with torch.no_grad():
-        for block in encoder.blocks:
-            block.attn.qkv.weight[: 2 * 64].zero_()
-            block.attn.qkv.bias[: 2 * 64].zero_()
+    attend_uniformly(encoder)
     out = attention_maps(encoder, torch.randn(2, 3, 64, 64))
     assert out["queries"] == [(1, 1), (2, 2), (3, 3)] and out["layers"] == [0, 2, 5, 7]
     assert out["maps"].shape == (4, 2, 3, 64, 64)  # on the pixels: each patch's weight on its own
@@ -436,13 +443,7 @@ def test_swin_scores_by_value():
     grid) averaged over each query's region."""
     from timm.models.swin_transformer import window_partition
 
-    swin = tiny_swin()
-    with torch.no_grad():
-        for m in attention_modules(swin):
-            d = m.qkv.in_features
-            m.qkv.weight[: 2 * d].zero_()
-            m.qkv.bias[: 2 * d].zero_()
-            m.relative_position_bias_table.zero_()
+    swin = attend_uniformly(tiny_swin())
     out = analyze_encoder(swin, torch.randn(2, 3, 32, 32))
     blocks = [b for layer in swin.layers for b in layer.blocks]
     assert [tuple(b.shift_size) for b in blocks] == [(0, 0), (2, 2), (0, 0), (0, 0)]
@@ -471,13 +472,7 @@ def test_swin_attention_maps_stay_in_the_querys_window():
     """Each map is the query token's attention over its window's keys on the pixels: 0 outside
     the window, each key's weight on its stride x stride pixels (so a map sums to stride^2); a
     uniform unshifted window gives 1/16 on each of its pixels."""
-    swin = tiny_swin()
-    with torch.no_grad():
-        for m in attention_modules(swin):
-            d = m.qkv.in_features
-            m.qkv.weight[: 2 * d].zero_()
-            m.qkv.bias[: 2 * d].zero_()
-            m.relative_position_bias_table.zero_()
+    swin = attend_uniformly(tiny_swin())
     out = attention_maps(swin, torch.randn(1, 3, 32, 32), queries=[(1, 6)], layers=[0, 1, 2])
     maps = out["maps"]
     assert maps.shape == (3, 1, 1, 32, 32)

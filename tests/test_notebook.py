@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
@@ -48,14 +49,18 @@ def test_quickstart_notebook_runs_and_shows_every_figure():
     assert _outputs(code[-1], "image/png"), "the last figure is not displayed"
 
 
-def test_committed_notebook_has_its_outputs():
-    """The notebook is committed executed, so that it reads on GitHub."""
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize(
+    ("path", "figures"), [(NOTEBOOK, 3), (ANALYSIS, 2)], ids=["quickstart", "analysis"]
+)
+def test_committed_notebook_has_its_outputs(path, figures):
+    """Each notebook is committed executed (so that it reads on GitHub; the analysis one on the
+    demo checkpoint when it was refreshed), with all its figures and modest pictures."""
+    nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("execution_count") for c in code)
-    assert sum(len(_outputs(c, "image/png")) for c in code) == 3
+    assert sum(len(_outputs(c, "image/png")) for c in code) == figures
     assert all(o.get("output_type") != "error" for c in code for o in c.get("outputs", []))
-    assert NOTEBOOK.stat().st_size < 800_000  # modest pictures
+    assert path.stat().st_size < 800_000
 
 
 def test_analysis_notebook_runs_on_a_tiny_model(monkeypatch):
@@ -70,16 +75,6 @@ def test_analysis_notebook_runs_on_a_tiny_model(monkeypatch):
     assert len(nmi_lines) == 2 and all(ln.split("NMI [")[1].count(",") == 7 for ln in nmi_lines)
     figures = [c for c in code if "subplots(" in c.source or "_figure(" in c.source]
     assert [len(_outputs(c, "image/png")) for c in figures] == [1, 1]
-
-
-def test_committed_analysis_notebook_has_its_outputs():
-    """Committed executed (on the demo checkpoint when it was refreshed), with both figures."""
-    nb = nbformat.read(ANALYSIS, as_version=4)
-    code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(c.get("execution_count") for c in code)
-    assert sum(len(_outputs(c, "image/png")) for c in code) == 2
-    assert all(o.get("output_type") != "error" for c in code for o in c.get("outputs", []))
-    assert ANALYSIS.stat().st_size < 800_000
 
 
 if __name__ == "__main__":

@@ -400,17 +400,17 @@ def map_settings(
     return queries, layers
 
 
-def _query_map(
-    attn: torch.Tensor, layout: AttentionLayout, pixel: tuple[int, int], images: int
-) -> torch.Tensor:
+def _query_map(attn: torch.Tensor, layout: AttentionLayout, pixel: tuple[int, int]) -> torch.Tensor:
     """(B, H_img, W_img) head-averaged attention of the token covering ``pixel`` (row, col),
-    over its window's keys at their pixels; 0 outside the window."""
-    a = _patch_attention(_window_attention(attn, layout, images), layout.num_prefix)
+    over its window's keys at their pixels; 0 outside the window.
+
+    Args:
+        attn: (B, windows, heads, N, N) patch attention of one layer, rows normalised.
+    """
     cell = torch.tensor([pixel[0] // layout.stride, pixel[1] // layout.stride])
     window, token = (layout.cells == cell).all(-1).nonzero()[0].tolist()
-    row = a[:, window, :, token, :].mean(1).float()  # (B, N)
-    rows, cols = layout.grid
-    grid = row.new_zeros(images, rows, cols)
+    row = attn[:, window, :, token, :].mean(1).float()  # (B, N)
+    grid = row.new_zeros(len(attn), *layout.grid)
     r, c = layout.cells[window].unbind(-1)
     grid[:, r, c] = row
     s = layout.stride
@@ -449,23 +449,17 @@ def attention_maps(
             encoder(images)
     finally:
         encoder.train(was_training)
-    maps = torch.stack(
-        [
+    per_layer = []
+    for layer in layers:
+        lay = layouts[layer]
+        attn = _window_attention(torch.cat(records[layer]), lay, len(images))
+        attn = _patch_attention(attn, lay.num_prefix)  # once per layer, for every query
+        per_layer.append(
             torch.stack(
-                [
-                    _query_map(
-                        torch.cat(records[layer]),
-                        layouts[layer],
-                        (r * patch_size, c * patch_size),
-                        len(images),
-                    )
-                    for r, c in queries
-                ],
-                1,
+                [_query_map(attn, lay, (r * patch_size, c * patch_size)) for r, c in queries], 1
             )
-            for layer in layers
-        ]
-    )  # (layers, B, queries, H, W)
+        )
+    maps = torch.stack(per_layer)  # (layers, B, queries, H, W)
     return {
         "maps": maps,
         "queries": queries,

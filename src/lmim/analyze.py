@@ -107,7 +107,7 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     from timm.models.vision_transformer import VisionTransformer
 
     from lmim import create_pretrainer
-    from lmim.export import load_pretrainer
+    from lmim.linprobe import load_pretrainer_at
     from lmim.models.vit import MaskedViT
 
     size = int(cfg.data.img_size)
@@ -116,13 +116,7 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
         p = Path(str(path))
         run = p.parent.parent.name if p.parent.name == "checkpoints" else p.parent.name
         label = run if run and run not in found else str(p)
-        net = load_pretrainer(str(p))
-        if net.encoder.img_size != size:
-            raise ConfigError(
-                f"data.img_size={size} but {p} was pre-trained at {net.encoder.img_size} px: "
-                f"set data.img_size={net.encoder.img_size}"
-            )
-        found[label] = analysable(net)
+        found[label] = analysable(load_pretrainer_at(str(p), size))
     for path in cfg.get("exports") or []:
         found[Path(str(path)).name] = load_export(str(path), cfg.get("timm_model"), size)
     if cfg.init_model:
@@ -253,10 +247,9 @@ def log_to_wandb(
 
     from lmim.utils import build_loggers, finish_wandb
 
-    # An existing run keeps its own name, group, tags and job type.
-    keep = {"name": None, "group": None, "tags": None, "job_type": None}
-    resolved = OmegaConf.to_container(node, resolve=True)
-    node = OmegaConf.merge(resolved, keep if run_id else {})
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    if run_id:  # an existing run keeps its own name, group, tags and job type
+        node = OmegaConf.merge(node, {"name": None, "group": None, "tags": None, "job_type": None})
     (logger,) = build_loggers(OmegaConf.create({"wandb": node}), run_id)
     try:
         import wandb

@@ -31,19 +31,26 @@ from lmim.evaluation import (
 log = logging.getLogger("lmim")
 
 
+def load_pretrainer_at(checkpoint: str, img_size: int) -> nn.Module:
+    """The pre-training model of a checkpoint, checked to take ``img_size`` images."""
+    from lmim.export import load_pretrainer
+
+    net = load_pretrainer(checkpoint)
+    if net.encoder.img_size != img_size:
+        raise ConfigError(
+            f"data.img_size={img_size} but {checkpoint} was pre-trained at "
+            f"{net.encoder.img_size} px (fixed position embeddings): set "
+            f"data.img_size={net.encoder.img_size}"
+        )
+    return net
+
+
 def load_encoder(checkpoint: str | None, init_model: str | None, img_size: int) -> nn.Module:
     """The encoder of a pre-training checkpoint, or a randomly initialised one (a baseline)."""
     from lmim import create_pretrainer
-    from lmim.export import load_pretrainer
 
     if checkpoint:
-        enc = load_pretrainer(checkpoint).encoder
-        if enc.img_size != img_size:
-            raise ConfigError(
-                f"data.img_size={img_size} but {checkpoint} was pre-trained at {enc.img_size} "
-                f"px (fixed position embeddings): set data.img_size={enc.img_size}"
-            )
-        return enc
+        return load_pretrainer_at(checkpoint, img_size).encoder
     if not init_model:
         raise ConfigError(
             "checkpoint is not set: pass checkpoint=/path/to/last.ckpt (from lmim.train), or "
