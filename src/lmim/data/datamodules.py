@@ -18,6 +18,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import RandomResizedCrop
 
+from lmim.data.decode import CropDecode, normalize_uint8
 from lmim.data.images import (
     ImageFiles,
     LabelledImages,
@@ -30,6 +31,9 @@ from lmim.data.resumable import ResumableLoader, ResumableSampler
 from lmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, pretrain_transform
 from lmim.errors import ConfigError
 from lmim.seeding import AUGMENT, derive_seed
+
+# data.pipeline: how training views are made (see _PretrainDataModule).
+PIPELINES = ("fast", "pil")
 
 
 class _PretrainDataModule(L.LightningDataModule):
@@ -55,6 +59,11 @@ class _PretrainDataModule(L.LightningDataModule):
         max_skipped_share: stop when more than this share of the images is unreadable.
         eval_crop_pct: the evaluation view (k-NN, linear probe) resizes to
             ``img_size / eval_crop_pct`` and centre-crops ``img_size``.
+        pipeline: how training views are made. ``pil``: torchvision's transforms on decoded
+            PIL images, normalised floats from the workers. ``fast``: the crop drawn before
+            decoding, JPEGs decoded by libjpeg-turbo (at reduced scale when the crop allows),
+            torch's uint8 bicubic resize, uint8 batches normalised on the device
+            (:mod:`lmim.data.decode`). Both draw the same crop boxes and flips.
 
     Labelled DataModules (all of lmim's) also give deterministic labelled splits for
     evaluation: ``num_classes``, ``classes``, :meth:`labelled_dataset` and :meth:`eval_dataset`
@@ -77,8 +86,16 @@ class _PretrainDataModule(L.LightningDataModule):
         seed: int | None = 0,
         max_skipped_share: float = 0.01,
         eval_crop_pct: float = 1.0,
+        pipeline: str = "pil",
     ) -> None:
         super().__init__()
+        if pipeline not in PIPELINES:
+            raise ConfigError(
+                f"data.pipeline={pipeline!r} is not one of {', '.join(PIPELINES)}: fast (crop "
+                "before decode, uint8 batches normalised on the device) or pil (torchvision's "
+                "transforms on PIL images)"
+            )
+        self.pipeline = pipeline
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1 (images per device)")
         if not 0.0 <= float(max_skipped_share) <= 1.0:
@@ -116,7 +133,24 @@ class _PretrainDataModule(L.LightningDataModule):
         return int(self.seed)
 
     def train_transform(self):
+        if self.pipeline == "fast":
+            return CropDecode(self.img_size, self.crop_scale, self.hflip)
         return pretrain_transform(self.img_size, self.crop_scale, self.hflip, self.mean, self.std)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """A training batch as the model takes it: uint8 batches (``pipeline=fast``) are
+        normalised here, on their device; float batches are already normalised."""
+        if images.dtype == torch.uint8:
+            return normalize_uint8(images, self.mean, self.std)
+        return images
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Lightning's hook after a batch reached the device: normalise uint8 images there."""
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+            return type(batch)([self.normalize(batch[0]), *batch[1:]])
+        if isinstance(batch, torch.Tensor):
+            return self.normalize(batch)
+        return batch
 
     def preview_transform(self):
         return eval_transform(self.img_size, self.mean, self.std)
@@ -365,7 +399,8 @@ class ImageFolderDataModule(_PretrainDataModule):
             self.validate()
             # torchvision's scan (classes, extensions); decoding is lmim's (load_rgb).
             files = ImageFolder(str(self.split_dir), loader=lambda p: p).samples
-            self.train_set = TrainSet(ImageFiles(files), self.train_transform(), seed=0)
+            source = ImageFiles(files, encoded=self.pipeline == "fast")
+            self.train_set = TrainSet(source, self.train_transform(), seed=0)
 
     def labelled_dataset(self, split: str, transform, limit: int | None = None) -> Dataset:
         split = _split_name(split)

@@ -9,6 +9,7 @@ run neither crashes nor silently trains on garbage.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +64,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def error_reason(err: Exception) -> str:
+    """A decoder's error in a few words."""
+    return f"{type(err).__name__}: {err}".strip().rstrip(":")
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Decode an image file fully and convert it to RGB (:func:`to_rgb`).
 
@@ -74,8 +80,41 @@ def load_rgb(path: str | Path) -> Image.Image:
             img.load()
             return to_rgb(img)
     except Exception as err:  # every decoder failure means the same: the file is unusable
-        reason = f"{type(err).__name__}: {err}".strip().rstrip(":")
-        raise UnreadableImageError(str(path), reason) from err
+        raise UnreadableImageError(str(path), error_reason(err)) from err
+
+
+class EncodedImage:
+    """An image not decoded yet: a file, or its bytes (a shard record).
+
+    Args:
+        name: what errors call it (the path, or ``shard:record``).
+        data: the encoded bytes; None reads ``name`` as a file.
+    """
+
+    __slots__ = ("name", "_data")
+
+    def __init__(self, name: str | Path, data: bytes | None = None) -> None:
+        self.name = str(name)
+        self._data = data
+
+    def read(self) -> bytes:
+        if self._data is not None:
+            return self._data
+        try:
+            return Path(self.name).read_bytes()
+        except OSError as err:
+            raise UnreadableImageError(self.name, f"{type(err).__name__}: {err}") from err
+
+    def decode(self) -> Image.Image:
+        """The whole image as 8-bit RGB (what :func:`lmim.data.images.load_rgb` gives)."""
+        try:
+            with Image.open(io.BytesIO(self.read())) as img:
+                img.load()
+                return to_rgb(img)
+        except UnreadableImageError:
+            raise
+        except Exception as err:
+            raise UnreadableImageError(self.name, error_reason(err)) from err
 
 
 class ImageSource(Protocol):
@@ -92,17 +131,21 @@ class ImageFiles:
 
     Args:
         samples: ``(path, label)`` pairs.
+        encoded: ``load`` returns the file undecoded (:class:`EncodedImage`), for transforms
+            that decode it themselves (:class:`lmim.data.decode.CropDecode`); otherwise the
+            decoded RGB image.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]]) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], encoded: bool = False) -> None:
         self.samples = list(samples)
+        self.encoded = bool(encoded)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def load(self, index: int) -> tuple[Image.Image, int]:
+    def load(self, index: int) -> tuple[Image.Image | EncodedImage, int]:
         path, label = self.samples[index]
-        return load_rgb(path), label
+        return (EncodedImage(path) if self.encoded else load_rgb(path)), label
 
 
 class TrainSet(Dataset):
@@ -114,7 +157,9 @@ class TrainSet(Dataset):
 
     Args:
         source: the images (:class:`ImageSource`).
-        transform: PIL image -> tensor; its random draws use torch's default generator.
+        transform: what ``source.load`` gives (a PIL image, or an :class:`EncodedImage`) ->
+            tensor; its random draws use torch's default generator. It may raise
+            :class:`UnreadableImageError` (a transform that decodes).
         seed: run seed.
 
     Returns (per item):
@@ -133,23 +178,26 @@ class TrainSet(Dataset):
         index, epoch = (key.index, key.epoch) if isinstance(key, SampleKey) else (int(key), 0)
         skipped: list[tuple[str, str]] = []
         n = len(self.source)
-        for attempt in range(min(MAX_CONSECUTIVE_BAD, n)):
-            try:
-                img, label = self.source.load((index + attempt) % n)
-                break
-            except UnreadableImageError as err:
-                skipped.append((err.path, err.reason))
-        else:
-            listing = "; ".join(f"{p} ({r})" for p, r in skipped[:3])
-            raise BadDataError(
-                f"{len(skipped)} images in a row could not be read, e.g. {listing}: check "
-                "data.root (is it the image folder?) and the files' integrity"
-            )
         # Seed torch's default CPU generator (not torch.manual_seed, which would also reseed
-        # CUDA) for this sample only; the process's own stream is restored afterwards.
+        # CUDA) for this sample only; the process's own stream is restored afterwards. A
+        # replacement image gets the draws of the sample it replaces.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(derive_seed(self.seed, AUGMENT, epoch, index))
-            image = self.transform(img)
+            for attempt in range(min(MAX_CONSECUTIVE_BAD, n)):
+                try:
+                    img, label = self.source.load((index + attempt) % n)
+                    torch.default_generator.manual_seed(
+                        derive_seed(self.seed, AUGMENT, epoch, index)
+                    )
+                    image = self.transform(img)  # a transform that decodes may raise too
+                    break
+                except UnreadableImageError as err:
+                    skipped.append((err.path, err.reason))
+            else:
+                listing = "; ".join(f"{p} ({r})" for p, r in skipped[:3])
+                raise BadDataError(
+                    f"{len(skipped)} images in a row could not be read, e.g. {listing}: check "
+                    "data.root (is it the image folder?) and the files' integrity"
+                )
         return image, label, tuple(skipped)
 
 
