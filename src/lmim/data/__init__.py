@@ -1,7 +1,9 @@
-"""Data: DataModules (ImageFolder and the embedded demo photos) and transforms."""
+"""Data: DataModules (ImageFolder, LitData shards, Fashion-MNIST, the embedded demo photos),
+transforms and the fast crop-before-decode pipeline."""
 
 from lmim.data.datamodules import DemoDataModule, ImageFolderDataModule, load_demo_images
 from lmim.data.fashion_mnist import FashionMNISTDataModule
+from lmim.data.shards import ShardsDataModule
 from lmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, pretrain_transform
 
 __all__ = [
@@ -10,6 +12,7 @@ __all__ = [
     "DemoDataModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
+    "ShardsDataModule",
     "denormalize",
     "load_demo_images",
     "pretrain_transform",

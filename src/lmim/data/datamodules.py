@@ -197,6 +197,10 @@ class _PretrainDataModule(L.LightningDataModule):
                 f"data.batch_size{' or trainer.devices' if world_size > 1 else ''}, or add images"
             )
 
+    def make_sampler(self, world: int, rank: int, seed: int) -> ResumableSampler:
+        """The training order of process ``rank`` of ``world`` (a (seed, epoch) permutation)."""
+        return ResumableSampler(self.train_set, world, rank, seed=seed)
+
     def train_dataloader(self) -> ResumableLoader:
         if self.train_set is None:
             self.setup("fit")
@@ -205,7 +209,7 @@ class _PretrainDataModule(L.LightningDataModule):
         world, rank = int(dist.get("num_replicas", 1)), int(dist.get("rank", 0))
         self.check_size(world)
         self.train_set.seed = self._run_seed()
-        sampler = ResumableSampler(self.train_set, world, rank, seed=self.train_set.seed)
+        sampler = self.make_sampler(world, rank, self.train_set.seed)
         self.loader = ResumableLoader(
             self.train_set,
             sampler=sampler,

@@ -45,10 +45,14 @@ class ResumableSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0
 
+    def indices(self) -> Iterator[int]:
+        """This process's dataset indices for the epoch, in order (``DistributedSampler``'s)."""
+        return super().__iter__()
+
     def __iter__(self) -> Iterator[SampleKey]:
         start, self.start = self.start, 0
         epoch = self.epoch
-        for i, index in enumerate(super().__iter__()):
+        for i, index in enumerate(self.indices()):
             if i >= start:
                 yield SampleKey(int(index), epoch)
 
