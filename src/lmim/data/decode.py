@@ -6,10 +6,12 @@ crop box and the flip come from the same draws of torch's default generator, so 
 gets the same box and flip in both. What differs is how pixels are made:
 
 - JPEGs are decoded by ``torchvision.io.decode_jpeg`` (libjpeg-turbo; bit-identical to PIL's
-  decode and faster), or, when the crop is at least 2, 4 or 8 times ``img_size`` on its short
-  side, by PIL at 1/2, 1/4 or 1/8 scale in the DCT domain (``Image.draft``), which never
-  upsamples the crop. Other formats, and CMYK JPEGs, are decoded by PIL and converted by
-  :func:`lmim.data.images.to_rgb` as before.
+  decode and faster), or, when the crop is at least 4, 8 or 16 times ``img_size`` on its short
+  side, by PIL at 1/2, 1/4 or 1/8 scale in the DCT domain (``Image.draft``). The margin of 2
+  (``DRAFT_MARGIN``) is there because the DCT's own downscaling is not bicubic: with a margin
+  of 1, 112 px views of ImageNet-sized photos were 2.4 levels RMS from the reference, with 2,
+  0.24 (``benchmarks/loader.py``); ``data.draft_margin=0`` turns it off. Other formats, and
+  CMYK JPEGs, are decoded by PIL and converted by :func:`lmim.data.images.to_rgb` as before.
 - The crop is resized by torch's antialiased bicubic on uint8 (PIL's filter, a = -0.5),
   about three times faster than PIL's resize of the same crop.
 - The result is a ``(3, S, S)`` uint8 tensor: a quarter of the bytes to move from workers and to
@@ -42,6 +44,11 @@ def _chw(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1)
 
 
+# Reduced-scale decoding only when the reduced crop is still this many times img_size (the
+# difference this leaves to the full-scale view is measured in docs/benchmarks.md).
+DRAFT_MARGIN = 2.0
+
+
 class CropDecode:
     """RandomResizedCrop(``img_size``, ``crop_scale``, bicubic) + horizontal flip to a uint8
     ``(3, img_size, img_size)`` tensor, from an :class:`EncodedImage` (cropped before decoding)
@@ -56,6 +63,8 @@ class CropDecode:
         crop_scale: area range of the crop.
         hflip: flip probability.
         ratio: aspect-ratio range of the crop.
+        draft_margin: decode at 1/k scale only when the reduced crop is still at least
+            ``draft_margin x img_size`` on its short side (0 turns reduced decoding off).
     """
 
     def __init__(
@@ -64,11 +73,13 @@ class CropDecode:
         crop_scale: Sequence[float] = (0.2, 1.0),
         hflip: float = 0.5,
         ratio: Sequence[float] = (3 / 4, 4 / 3),
+        draft_margin: float = DRAFT_MARGIN,
     ) -> None:
         self.size = int(img_size)
         self.scale = tuple(float(s) for s in crop_scale)
         self.ratio = tuple(float(r) for r in ratio)
         self.hflip = float(hflip)
+        self.draft_margin = float(draft_margin)
 
     def params(self, width: int, height: int) -> tuple[int, int, int, int, bool]:
         """``(top, left, h, w, flip)`` of a ``width x height`` image, drawn like
@@ -79,9 +90,12 @@ class CropDecode:
         return int(top), int(left), int(h), int(w), flip
 
     def draft_factor(self, h: int, w: int) -> int:
-        """The largest of 1, 2, 4, 8 whose reduced crop is still >= ``img_size`` on both sides."""
+        """The largest of 1, 2, 4, 8 whose reduced crop is still at least ``draft_margin x
+        img_size`` on both sides (1: decode at full scale)."""
         k = 1
-        while k < 8 and min(h, w) >= 2 * k * self.size:
+        if self.draft_margin <= 0:
+            return k
+        while k < 8 and min(h, w) >= 2 * k * self.draft_margin * self.size:
             k *= 2
         return k
 

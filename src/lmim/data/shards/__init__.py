@@ -104,6 +104,22 @@ def read_index(path: str) -> dict[str, Any]:
     return meta
 
 
+def check_credentials(path: str) -> None:
+    """Raise :class:`ConfigError` for an ``s3://`` path when no AWS credentials can be found
+    (environment, profile, instance role), before LitData tries to read it."""
+    if not str(path).startswith("s3://"):
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise ConfigError(
+            f"data.path={path}: no credentials for s3:// were found. Set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE; AWS_ENDPOINT_URL for another S3 server) in "
+            "the environment of every process, or copy the shards to a local folder and pass "
+            "that"
+        )
+
+
 def open_streaming(path: str, cache_dir: str | None = None):
     """``litdata.StreamingDataset`` of ``path``, with one-line errors for what users meet:
     an object-store path without credentials or that cannot be reached."""
@@ -265,7 +281,9 @@ class ShardsDataModule(_PretrainDataModule):
 
     def validate(self) -> None:
         path = self._path()
-        if not is_remote(path):
+        if is_remote(path):
+            check_credentials(path)
+        else:
             read_index(path)
             meta = Path(path) / META
             self._meta = json.loads(meta.read_text()) if meta.is_file() else {}
@@ -425,6 +443,15 @@ def write_shards(
 
 
 def _write_task(cfg: DictConfig) -> None:
+    from lmim.cli import fail
+
+    try:
+        _write(cfg)
+    except ConfigError as err:
+        fail(str(err))
+
+
+def _write(cfg: DictConfig) -> None:
     from hydra.utils import to_absolute_path
 
     if cfg.out in (None, "", "???"):
@@ -470,10 +497,6 @@ def main() -> None:
         )
     sys.argv = [sys.argv[0], *args[1:]]
     hydra_entry("shards")(_write_task)()
-
-
-if __name__ == "__main__":
-    main()
 
 
 __all__ = [
