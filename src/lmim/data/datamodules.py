@@ -18,7 +18,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import RandomResizedCrop
 
-from lmim.data.decode import CropDecode, normalize_uint8
+from lmim.data.decode import DRAFT_MARGIN, CropDecode, normalize_uint8
 from lmim.data.images import (
     ImageFiles,
     LabelledImages,
@@ -64,6 +64,8 @@ class _PretrainDataModule(L.LightningDataModule):
             decoding, JPEGs decoded by libjpeg-turbo (at reduced scale when the crop allows),
             torch's uint8 bicubic resize, uint8 batches normalised on the device
             (:mod:`lmim.data.decode`). Both draw the same crop boxes and flips.
+        draft_margin: ``fast`` decodes a JPEG at 1/2, 1/4 or 1/8 scale when the reduced crop
+            is still this many times ``img_size``; 0 decodes every image at full scale.
 
     Labelled DataModules (all of lmim's) also give deterministic labelled splits for
     evaluation: ``num_classes``, ``classes``, :meth:`labelled_dataset` and :meth:`eval_dataset`
@@ -87,6 +89,7 @@ class _PretrainDataModule(L.LightningDataModule):
         max_skipped_share: float = 0.01,
         eval_crop_pct: float = 1.0,
         pipeline: str = "pil",
+        draft_margin: float = DRAFT_MARGIN,
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
@@ -96,6 +99,11 @@ class _PretrainDataModule(L.LightningDataModule):
                 "transforms on PIL images)"
             )
         self.pipeline = pipeline
+        if float(draft_margin) < 0:
+            raise ConfigError(
+                f"data.draft_margin={draft_margin} must be >= 0 (0: no reduced-scale decoding)"
+            )
+        self.draft_margin = float(draft_margin)
         if batch_size < 1:
             raise ConfigError(f"data.batch_size={batch_size} must be >= 1 (images per device)")
         if not 0.0 <= float(max_skipped_share) <= 1.0:
@@ -134,7 +142,9 @@ class _PretrainDataModule(L.LightningDataModule):
 
     def train_transform(self):
         if self.pipeline == "fast":
-            return CropDecode(self.img_size, self.crop_scale, self.hflip)
+            return CropDecode(
+                self.img_size, self.crop_scale, self.hflip, draft_margin=self.draft_margin
+            )
         return pretrain_transform(self.img_size, self.crop_scale, self.hflip, self.mean, self.std)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
