@@ -33,7 +33,7 @@ from lmim.errors import ConfigError
 from lmim.seeding import AUGMENT, derive_seed
 
 # data.pipeline: how training views are made (see _PretrainDataModule).
-PIPELINES = ("fast", "pil")
+PIPELINES = ("fast", "pil", "dali")
 
 
 class _PretrainDataModule(L.LightningDataModule):
@@ -63,7 +63,9 @@ class _PretrainDataModule(L.LightningDataModule):
             PIL images, normalised floats from the workers. ``fast``: the crop drawn before
             decoding, JPEGs decoded by libjpeg-turbo (at reduced scale when the crop allows),
             torch's uint8 bicubic resize, uint8 batches normalised on the device
-            (:mod:`lmim.data.decode`). Both draw the same crop boxes and flips.
+            (:mod:`lmim.data.decode`). ``dali``: workers read files and draw the crops, DALI
+            decodes the crop regions on the GPU (:mod:`lmim.data.dali`). All three draw the
+            same crop boxes and flips.
         draft_margin: ``fast`` decodes a JPEG at 1/2, 1/4 or 1/8 scale when the reduced crop
             is still this many times ``img_size``; 0 decodes every image at full scale.
 
@@ -95,8 +97,8 @@ class _PretrainDataModule(L.LightningDataModule):
         if pipeline not in PIPELINES:
             raise ConfigError(
                 f"data.pipeline={pipeline!r} is not one of {', '.join(PIPELINES)}: fast (crop "
-                "before decode, uint8 batches normalised on the device) or pil (torchvision's "
-                "transforms on PIL images)"
+                "before decode, uint8 batches normalised on the device), pil (torchvision's "
+                "transforms on PIL images) or dali (decoded on the GPU by NVIDIA DALI)"
             )
         self.pipeline = pipeline
         if float(draft_margin) < 0:
@@ -141,6 +143,11 @@ class _PretrainDataModule(L.LightningDataModule):
         return int(self.seed)
 
     def train_transform(self):
+        if self.pipeline == "dali":
+            from lmim.data.dali import CropPlan, require_dali
+
+            require_dali()
+            return CropPlan(self.img_size, self.crop_scale, self.hflip)
         if self.pipeline == "fast":
             return CropDecode(
                 self.img_size, self.crop_scale, self.hflip, draft_margin=self.draft_margin
@@ -154,8 +161,27 @@ class _PretrainDataModule(L.LightningDataModule):
             return normalize_uint8(images, self.mean, self.std)
         return images
 
+    def decode_on_device(self, batch: Any, device: torch.device) -> torch.Tensor:
+        """uint8 views of an undecoded batch (``pipeline=dali``) on ``device``; files that
+        fail to decode are replaced and handed to the loader's skipped list."""
+        from lmim.data.dali import DaliDecoder
+
+        decoder = getattr(self, "_dali", None)
+        if decoder is None or decoder.device != device:
+            decoder = self._dali = DaliDecoder(self.img_size, self.batch_size, device)
+        images, skipped = decoder(batch)
+        if skipped and self.loader is not None:
+            self.loader.add_skipped(skipped)
+        return images
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Lightning's hook after a batch reached the device: normalise uint8 images there."""
+        """Lightning's hook after a batch reached the device: decode an undecoded batch there
+        (DALI), normalise uint8 images."""
+        from lmim.data.dali import EncodedBatch
+
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], EncodedBatch):
+            device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+            batch = type(batch)([self.decode_on_device(batch[0], device), *batch[1:]])
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
             return type(batch)([self.normalize(batch[0]), *batch[1:]])
         if isinstance(batch, torch.Tensor):
@@ -207,6 +233,13 @@ class _PretrainDataModule(L.LightningDataModule):
                 f"data.batch_size{' or trainer.devices' if world_size > 1 else ''}, or add images"
             )
 
+    def _collate(self):
+        if self.pipeline == "dali":
+            from lmim.data.dali import collate_encoded
+
+            return collate_encoded
+        return collate
+
     def make_sampler(self, world: int, rank: int, seed: int) -> ResumableSampler:
         """The training order of process ``rank`` of ``world`` (a (seed, epoch) permutation)."""
         return ResumableSampler(self.train_set, world, rank, seed=seed)
@@ -224,7 +257,7 @@ class _PretrainDataModule(L.LightningDataModule):
             self.train_set,
             sampler=sampler,
             batch_size=self.batch_size,
-            collate_fn=collate,
+            collate_fn=self._collate(),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             drop_last=self.drop_last,
@@ -413,7 +446,7 @@ class ImageFolderDataModule(_PretrainDataModule):
             self.validate()
             # torchvision's scan (classes, extensions); decoding is lmim's (load_rgb).
             files = ImageFolder(str(self.split_dir), loader=lambda p: p).samples
-            source = ImageFiles(files, encoded=self.pipeline == "fast")
+            source = ImageFiles(files, encoded=self.pipeline in ("fast", "dali"))
             self.train_set = TrainSet(source, self.train_transform(), seed=0)
 
     def labelled_dataset(self, split: str, transform, limit: int | None = None) -> Dataset:

@@ -106,14 +106,25 @@ class CropDecode:
             return self._resize(_chw(img.convert("RGB")), (top, left, h, w), 1.0, 1.0, flip)
         data = img.read()
         try:
+            with Image.open(io.BytesIO(data)) as header:
+                width, height = header.size
+        except Exception as err:
+            raise UnreadableImageError(img.name, error_reason(err)) from err
+        top, left, h, w, flip = self.params(width, height)
+        return self.render(EncodedImage(img.name, data), (top, left, h, w), flip)
+
+    def render(self, img: EncodedImage, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        """The view of ``img`` for a drawn ``box`` = ``(top, left, h, w)`` (full-scale pixels)
+        and ``flip``: decode (at reduced scale when the box allows), crop, resize, flip."""
+        data = img.read()
+        try:
             header = Image.open(io.BytesIO(data))
             width, height = header.size
         except Exception as err:
             raise UnreadableImageError(img.name, error_reason(err)) from err
-        top, left, h, w, flip = self.params(width, height)
         try:
             if header.format == "JPEG" and header.mode in ("RGB", "L"):
-                k = self.draft_factor(h, w)
+                k = self.draft_factor(box[2], box[3])
                 if k == 1:
                     raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                     pixels = decode_jpeg(raw, mode=ImageReadMode.RGB)
@@ -128,7 +139,7 @@ class CropDecode:
         finally:
             header.close()
         sy, sx = pixels.shape[1] / height, pixels.shape[2] / width
-        return self._resize(pixels, (top, left, h, w), sy, sx, flip)
+        return self._resize(pixels, box, sy, sx, flip)
 
     def _resize(
         self,

@@ -116,6 +116,10 @@ class ResumableLoader(DataLoader):
             self.consumed += 1
             yield images, labels
 
+    def add_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        """Files found unreadable after the loader (decoded on the device)."""
+        self._skipped.extend(skipped)
+
     def take_skipped(self) -> list[tuple[str, str]]:
         """The ``(path, reason)`` of files skipped since the last call."""
         out, self._skipped = self._skipped, []
