@@ -361,7 +361,8 @@ def test_dali_bad_files_are_skipped_or_replaced(photos, tmp_path):
     views, replaced = decoder(batch)
     assert views.shape == (len(keys), 3, 32, 32)
     assert decoder.fallbacks == 1 and [p for p, _ in replaced] == [batch.names[1]]
-    assert torch.equal(views[1], views[0])  # replaced by the batch's first good view
+    # replaced by another view of the batch
+    assert any(torch.equal(views[1], views[j]) for j in range(len(keys)) if j != 1)
 
 
 def test_dali_cli_trains(photos, tmp_path):
