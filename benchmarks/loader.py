@@ -9,7 +9,10 @@ sampler's order), taking turns so that load from elsewhere hits them alike:
 - ``pil``: the reference pipeline (PIL decode + torchvision RandomResizedCrop, flip, ToTensor,
   Normalize), what ``data=imagefolder`` did before ``data.pipeline=fast``;
 - ``fast``: ``data=imagefolder`` today (crop before decode, uint8; the device normalises);
-- ``shards``: ``data=shards`` with the fast pipeline, from LitData shards of the same files.
+- ``shards``: ``data=shards`` with the fast pipeline, from LitData shards of the same files;
+- ``dali``: ``data=imagefolder_dali`` with DALI's CPU operators on one thread (the workers'
+  part, reading and drawing crops, included); on a machine with a GPU also per GPU, DALI
+  decoding the crop regions on the device (``mixed``), from batches the workers prepared.
 
 It also times the loaders with one worker process (collation and the copy between processes
 included), measures how far the fast views are from the reference ones (``--compare``), and
@@ -130,6 +133,37 @@ def per_core(corpus: Path, shards: Path, n: int, img_size: int, rounds: int) -> 
     return {k: statistics.median(v) for k, v in rates.items()}
 
 
+def dali_rates(corpus: Path, n: int, img_size: int, batch: int = 64) -> dict:
+    """Images/s of the dali pipeline: on one CPU thread (workers' part + DALI CPU decode), and
+    per GPU (DALI on the device, batches prepared beforehand) when CUDA is available."""
+    from lmim.data.dali import DaliDecoder, collate_encoded
+
+    dm = datamodule("dali", corpus, corpus, img_size)
+    keys = list(dm.make_sampler(1, 0, 0))[:n]
+    batches = [keys[i : i + batch] for i in range(0, len(keys) - batch + 1, batch)]
+    cpu = DaliDecoder(img_size, batch, torch.device("cpu"), threads=1)
+    cpu(collate_encoded([dm.train_set[k] for k in batches[0]])[0])  # build
+    t = time.perf_counter()
+    for b in batches:
+        cpu(collate_encoded([dm.train_set[k] for k in b])[0])
+    out = {"cpu": len(batches) * batch / (time.perf_counter() - t), "cpu_fallbacks": cpu.fallbacks}
+    if torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+        gpu = DaliDecoder(img_size, batch, device, threads=4)
+        prepared = [collate_encoded([dm.train_set[k] for k in b])[0] for b in batches]
+        gpu(prepared[0])
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(3):
+            for b in prepared:
+                gpu(b)
+        torch.cuda.synchronize()
+        out["gpu"] = 3 * len(prepared) * batch / (time.perf_counter() - t)
+        out["gpu_name"] = torch.cuda.get_device_name(device)
+        out["gpu_fallbacks"] = gpu.fallbacks
+    return out
+
+
 def with_worker(corpus: Path, shards: Path, n: int, img_size: int) -> dict:
     """Images/s of each path's real loader with one worker process (batches of 64)."""
     out = {}
@@ -158,6 +192,7 @@ def compare(corpus: Path, n: int, img_size: int) -> dict:
     """RMS and max difference (8-bit levels) of fast views to the reference views of the same
     samples, and the share decoded at reduced scale."""
     from lmim.data.decode import normalize_uint8
+    from lmim.data.resumable import SampleKey
     from lmim.seeding import AUGMENT, derive_seed
 
     fast = datamodule("fast", corpus, corpus, img_size)
@@ -168,11 +203,8 @@ def compare(corpus: Path, n: int, img_size: int) -> dict:
     sq, count, worst, drafted = 0.0, 0, 0.0, 0
     sq_full = []
     for i in range(0, len(fast.train_set), step)[:n]:
-        key = (i, 0)
-        from lmim.data.resumable import SampleKey
-
-        a = normalize_uint8(fast.train_set[SampleKey(*key)][0][None], ref.mean, ref.std)[0]
-        b = ref.train_set[SampleKey(*key)][0]
+        a = normalize_uint8(fast.train_set[SampleKey(i, 0)][0][None], ref.mean, ref.std)[0]
+        b = ref.train_set[SampleKey(i, 0)][0]
         d = ((a - b) * std * 255).double()
         sq += float(d.pow(2).mean())
         count += 1
@@ -187,8 +219,23 @@ def compare(corpus: Path, n: int, img_size: int) -> dict:
         drafted += k > 1
         if k == 1:
             sq_full.append(float(d.pow(2).mean()))
+    dali_rms = None
+    with contextlib.suppress(ImportError):
+        from lmim.data.dali import DaliDecoder, collate_encoded
+
+        dali = datamodule("dali", corpus, corpus, img_size)
+        keys = [SampleKey(i, 0) for i in range(0, len(dali.train_set), step)[:n]]
+        dec = DaliDecoder(img_size, 32, torch.device("cpu"))
+        dsq = 0.0
+        for j in range(0, len(keys), 32):
+            views, _ = dec(collate_encoded([dali.train_set[k] for k in keys[j : j + 32]])[0])
+            for v, k in zip(views, keys[j : j + 32], strict=True):
+                a = normalize_uint8(v[None], ref.mean, ref.std)[0]
+                dsq += float(((a - ref.train_set[k][0]) * std * 255).double().pow(2).mean())
+        dali_rms = math.sqrt(dsq / len(keys))
     rms = math.sqrt(sq / count)
     return {
+        "dali_rms_levels": dali_rms,
         "img_size": img_size,
         "images": count,
         "rms_levels": rms,
@@ -260,7 +307,17 @@ def table(res: dict) -> str:
         lines.append(
             f"| {name} | {rate[k]:.0f} | {rate[k] / dec:.2f} | {'' if w is None else f'{w:.0f}'} |"
         )
+    d = res.get("dali")
+    if d:
+        lines.append(
+            f"| pipeline=dali, DALI CPU operators | {d['cpu']:.0f} | {d['cpu'] / dec:.2f} | |"
+        )
+        gpu = f"{d['gpu']:.0f} images/s on {d['gpu_name']}" if "gpu" in d else "not measured"
+        lines += ["", f"pipeline=dali per GPU (DALI on the device, batches of 64): {gpu}"]
     for c in res.get("compare", []):
+        dali_rms = c.get("dali_rms_levels")
+        if dali_rms is not None:
+            lines += ["", f"dali vs pil at {c['img_size']} px: RMS {dali_rms:.2f} levels"]
         lines += [
             "",
             f"fast vs pil at {c['img_size']} px over {c['images']} views: RMS "
@@ -320,6 +377,11 @@ def main() -> None:
     if not args.skip_worker:
         log("loaders with one worker ...")
         res["with_worker"] = with_worker(corpus, shards, args.measure, args.img_size)
+    with contextlib.suppress(ImportError):
+        import nvidia.dali  # noqa: F401
+
+        log("dali ...")
+        res["dali"] = dali_rates(corpus, min(args.measure, 1024), args.img_size)
     if args.compare:
         log("pixel difference fast vs pil ...")
         res["compare"] = [
