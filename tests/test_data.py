@@ -160,6 +160,17 @@ def test_chunked_order_is_chunk_local_and_split_independent():
     assert interleaved == single[: len(interleaved)]
 
 
+def corrupt_record(chunk: Path, which: int = 1) -> None:
+    """Zero the start (marker, tables, frame) of the ``which``-th image stored in a LitData chunk
+    file, in place: the record stays where it is but no longer decodes."""
+    raw = bytearray(chunk.read_bytes())
+    at = -1
+    for _ in range(which + 1):
+        at = raw.index(b"\xff\xd8\xff", at + 1)
+    raw[at : at + 500] = bytes(500)
+    chunk.write_bytes(bytes(raw))
+
+
 def test_shards_resume_mid_epoch_and_skip_bad_records(photos, tmp_path):
     """Shards written from the folder (one record's bytes corrupted inside its chunk): a loader
     restored from another's state hands out exactly the rest of the epoch, and the bad record
@@ -168,11 +179,7 @@ def test_shards_resume_mid_epoch_and_skip_bad_records(photos, tmp_path):
     summary = write_shards(str(photos), str(out), chunk_bytes="200KB")
     index = json.loads((out / "index.json").read_text())
     assert summary["records"] == 37 and len(index["chunks"]) > 1
-    # Corrupt one record in place: overwrite the middle of the first chunk's data.
-    chunk = out / index["chunks"][0]["filename"]
-    raw = bytearray(chunk.read_bytes())
-    raw[len(raw) // 2 : len(raw) // 2 + 2000] = b"\0" * 2000
-    chunk.write_bytes(bytes(raw))
+    corrupt_record(out / index["chunks"][0]["filename"])
 
     def make() -> ShardsDataModule:
         dm = ShardsDataModule(path=str(out), img_size=32, batch_size=4, num_workers=0, seed=3)
@@ -187,7 +194,7 @@ def test_shards_resume_mid_epoch_and_skip_bad_records(photos, tmp_path):
     rest = [b[0] for b in batches]
     assert all(b.dtype == torch.uint8 and b.shape == (4, 3, 32, 32) for b in seen + rest)
     skipped = first.take_skipped()
-    assert len(skipped) >= 1 and all("record" in path for path, _ in skipped)
+    assert len(skipped) == 1 and " record " in skipped[0][0]
     resumed = make().train_dataloader()
     resumed.load_state_dict(state)
     resumed.sampler.set_epoch(1)
@@ -256,7 +263,8 @@ def test_shards_cli_write_train_kill_resume(photos, tmp_path):
     """The README's commands: `python -m lmim.data.shards write` converts the folder (leaving
     out a file that is no image, and saying so), `python -m lmim.train data=shards` trains on
     the shards with a loader worker; killed with SIGKILL mid-epoch and re-run, it ends with the
-    weights of a run never stopped."""
+    weights of a run never stopped. A record corrupted inside its chunk is skipped and listed
+    in skipped_images.tsv."""
     train = tmp_path / "data" / "train"
     shutil.copytree(photos / "train", train)
     (train / "camera" / "notes.jpg").write_text("<html>403 Forbidden</html>")
@@ -272,7 +280,10 @@ def test_shards_cli_write_train_kill_resume(photos, tmp_path):
     assert "wrote 37 records of 6 classes" in wrote.stdout
     assert "left out 1 unreadable files, e.g. ('camera/notes.jpg'" in wrote.stdout
     assert f"data.path={tmp_path / 'shards'}" in wrote.stdout
-    args = [*SHARD_RUN, f"data.path={tmp_path / 'shards'}"]
+    # One record corrupted inside its chunk: skipped, listed and counted by both runs alike.
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    corrupt_record(tmp_path / "shards" / index["chunks"][0]["filename"])
+    args = [*SHARD_RUN, f"data.path={tmp_path / 'shards'}", "data.max_skipped_share=0.2"]
     reference = start_cli(
         *args, f"hydra.run.dir={tmp_path}/ref", cwd=tmp_path, log=tmp_path / "ref.log"
     )
@@ -291,6 +302,8 @@ def test_shards_cli_write_train_kill_resume(photos, tmp_path):
     assert reference.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
     assert load(last)["global_step"] == 2 * steps_per_epoch
     assert_same_weights(last, tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    listed = (tmp_path / "ref" / "skipped_images.tsv").read_text().splitlines()
+    assert listed and all(" record " in line for line in listed)
 
 
 def test_shards_cli_refusals_are_one_line(tmp_path):
