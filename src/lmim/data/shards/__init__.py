@@ -145,7 +145,9 @@ def open_streaming(path: str, cache_dir: str | None = None):
 
 
 def chunk_sizes(dataset) -> list[int]:
-    """Records per chunk of a ``litdata.StreamingDataset``, in its index order."""
+    """Records per chunk of a ``litdata.StreamingDataset``, in its index order. (Their sum is
+    the number of records; under torch.distributed, ``len(dataset)`` is LitData's share of one
+    process, while records are read here by their global index.)"""
     return [int(end) - int(start) for start, end in dataset.region_of_interest]
 
 
@@ -298,9 +300,9 @@ class ShardsDataModule(_PretrainDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            dataset = self._open()
+            self._open()
             source = ShardRecords(
-                self._path(), len(dataset), self.cache_dir, decoded=self.pipeline == "pil"
+                self._path(), sum(self._sizes), self.cache_dir, decoded=self.pipeline == "pil"
             )
             self.train_set = TrainSet(source, self.train_transform(), seed=0)
 
@@ -331,7 +333,8 @@ class ShardsDataModule(_PretrainDataModule):
                 "read a validation split: use data=imagefolder data.root=<ImageFolder with val/>"
             )
         self.classes  # noqa: B018 (checked)
-        n = len(self._open())
+        self._open()
+        n = sum(self._sizes)
         source = ShardRecords(self._path(), n, self.cache_dir, decoded=True)
         return spread(LabelledImages(source, transform), limit)
 
