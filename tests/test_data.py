@@ -254,7 +254,7 @@ SHARD_RUN = [
     "data.img_size=32",
     "data.batch_size=4",
     "data.num_workers=1",
-    "trainer.max_epochs=2",
+    "trainer.max_epochs=1",
     "trainer.deterministic=true",
     "callbacks.last_checkpoint.every_n_train_steps=4",
 ]
@@ -295,29 +295,38 @@ def test_shards_cli_write_train_kill_resume(photos, tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = load(last)["global_step"]
-    steps_per_epoch = 37 // 4
-    assert 0 < killed_at < 2 * steps_per_epoch and killed_at % steps_per_epoch != 0
+    steps = 37 // 4  # one epoch
+    assert 0 < killed_at < steps
     again = cli(*run, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {last} (step {killed_at})" in again.stdout + again.stderr
     assert reference.wait(timeout=600) == 0, (tmp_path / "ref.log").read_text()[-3000:]
-    assert load(last)["global_step"] == 2 * steps_per_epoch
+    assert load(last)["global_step"] == steps
     assert_same_weights(last, tmp_path / "ref" / "checkpoints" / "last.ckpt")
     listed = (tmp_path / "ref" / "skipped_images.tsv").read_text().splitlines()
     assert listed and all(" record " in line for line in listed)
 
 
-def test_shards_cli_refusals_are_one_line(tmp_path):
-    """Through the command lines: the writer without data.root, training on an empty shard
-    folder: exit status 2 and one line naming the fix, before any training."""
+def test_shards_refusals_are_one_line(tmp_path, capsys):
+    """Training on an empty shard folder through the command line, and the writer without
+    data.root: exit status 2 and one line naming the fix, before anything is written."""
+    from omegaconf import OmegaConf
+
+    from lmim.data.shards import _write_task
+
     (tmp_path / "empty").mkdir()
-    no_root = cli("write", "out=x", cwd=tmp_path, module="lmim.data.shards")
-    assert no_root.returncode == 2 and "data.root is not set" in no_root.stderr
-    assert len(no_root.stderr.strip().splitlines()) == 1
     empty = cli(*SHARD_RUN, f"data.path={tmp_path / 'empty'}", cwd=tmp_path)
     assert empty.returncode == 2, empty.stderr[-2000:]
     line = [x for x in empty.stderr.splitlines() if x.startswith("lmim: error")]
     assert len(line) == 1 and "is empty" in line[0] and "lmim.data.shards write" in line[0]
+    cfg = OmegaConf.create({"data": {"root": None, "split": "train"}, "out": str(tmp_path / "x")})
+    with pytest.raises(SystemExit) as exit_:
+        _write_task(cfg)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "lmim: error: data.root is not set: pass data.root=/path/to/imagenet (a folder holding "
+        "train/<class>/<images>)"
+    )
     assert not (tmp_path / "x").exists()
 
 

@@ -56,10 +56,6 @@ class EncodedBatch:
     def __len__(self) -> int:
         return len(self.data)
 
-    @property
-    def shape(self) -> tuple[int]:
-        return (len(self.data),)
-
 
 class CropPlan(CropDecode):
     """The worker's part: read the file and draw its crop and flip, decode nothing. Returns

@@ -35,11 +35,13 @@ import os
 import random
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 from torch.utils.data import Dataset
 
 from lmim.data.datamodules import _PretrainDataModule, _split_name, spread
@@ -50,7 +52,7 @@ from lmim.data.images import (
     UnreadableImageError,
     error_reason,
 )
-from lmim.data.resumable import ResumableSampler, SampleKey
+from lmim.data.resumable import ResumableSampler
 from lmim.errors import ConfigError
 
 INDEX = "index.json"
@@ -350,7 +352,7 @@ class ShardsDataModule(_PretrainDataModule):
                 break
             try:
                 image, _ = source.load(i)
-                views.append(tf(image.decode()))
+                views.append(tf(image if isinstance(image, Image.Image) else image.decode()))
             except UnreadableImageError:
                 continue
         return torch.stack(views)
@@ -366,8 +368,6 @@ def _record(item: tuple[str, int, str]) -> dict[str, Any]:
 
 def _readable(path: str) -> str | None:
     """None if ``path`` opens as an image (its header), else why not."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             img.size  # noqa: B018 (the header is read)
@@ -413,11 +413,14 @@ def write_shards(
     random.Random(seed).shuffle(samples)
     if limit is not None:
         samples = samples[: int(limit)]
-    bad = {}
-    for path, _ in samples:
-        why = _readable(path)
-        if why is not None:
-            bad[os.path.relpath(path, split_dir)] = why
+    # Headers are checked by threads: on a shared filesystem the opens dominate, not the CPU.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        reasons = list(pool.map(_readable, [path for path, _ in samples]))
+    bad = {
+        os.path.relpath(path, split_dir): why
+        for (path, _), why in zip(samples, reasons, strict=True)
+        if why is not None
+    }
     items = [
         (p, y, os.path.relpath(p, split_dir))
         for p, y in samples
@@ -508,7 +511,6 @@ __all__ = [
     "ChunkedSampler",
     "ShardsDataModule",
     "ShardRecords",
-    "SampleKey",
     "chunk_sizes",
     "open_streaming",
     "read_index",
