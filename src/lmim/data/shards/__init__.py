@@ -11,9 +11,9 @@ Train::
 
 Why LitData (``litdata.optimize``, Lightning's streaming format) and not WebDataset: it has an
 index, so records are addressed by number; on one core it yields the records of a chunk at about
-75,000/s against WebDataset's 4,400-5,900 tar records/s, a cost that would otherwise be a fifth of
-the loader's time (``benchmarks/loader.py``); and it reads ``s3://`` and other object stores with
-a local chunk cache.
+75,000/s against WebDataset's 4,400-5,900 tar records/s, a cost that would otherwise be a tenth
+of the loader's time (docs/benchmarks.md); and it reads ``s3://`` and other object stores with a
+local chunk cache.
 
 Each record is ``{"image": the file's bytes, "label": class index, "path": its path below the
 split}``: the JPEG is stored as it was, not re-encoded, and decoded by the training pipeline
