@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -39,6 +40,33 @@ def test_groups_exist():
     assert {"hog", "pixel"} <= set(options("target"))
     assert {"localmim", "isolated", "top_only", "single_scale"} <= set(options("schedule"))
     assert {"localmim", "mae"} <= set(options("method"))
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_model_options_are_a_base_plus_the_encoder_size(name):
+    """Every model option composes its family's base (model/_base_/) and sets only the encoder's
+    size (and, for the test Swin, the decoder widths): configs do not copy each other."""
+    text = yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text())
+    family = "swin" if name.startswith("swin") else "vit"
+    assert text.pop("defaults") == [f"_base_/{family}@_here_", "_self_"]
+    size = {"patch_size", "embed_dim", "depth", "depths", "num_heads", "window_size", "timm_name"}
+    assert set(text.pop("encoder")) <= size
+    assert set(text) <= {"decoder_dim"}, text
+
+
+def test_callback_sets_compose_one_file_per_callback():
+    """callbacks=default is its per-callback files in order; knn adds the k-NN monitor; budget
+    takes the accounting with a 10-step window."""
+    folder = config_dir() / "callbacks"
+    default = yaml.safe_load((folder / "default.yaml").read_text())["defaults"]
+    assert default[-1] == "_self_" and len(default) == 7
+    for name in default[:-1]:
+        body = yaml.safe_load((folder / f"{name}.yaml").read_text())
+        assert len(body) == 1 and "_target_" in next(iter(body.values())), name
+    knn = yaml.safe_load((folder / "knn.yaml").read_text())
+    assert knn["defaults"] == ["default", "knn_monitor", "_self_"]
+    budget = yaml.safe_load((folder / "budget.yaml").read_text())
+    assert budget["perf"] == {"window": 10}
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
