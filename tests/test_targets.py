@@ -10,6 +10,7 @@ import torch
 
 from lmim.errors import ConfigError
 from lmim.targets import HOG, NormalizedPixels, patchify, unpatchify
+from lmim.targets.base import Target
 
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -408,3 +409,74 @@ def test_hog_departs_from_the_released_code_only_where_it_is_rounding_noise() ->
         if not noisy.all():
             diff = (ours - released).abs().amax(-1)
             assert diff[~noisy].max() < 5e-6, (cell, diff[~noisy].max())
+
+
+# -- the target seam: LocalMIM calls the target's loss and precision, knows no target by name ----
+
+
+class L1Pixels(NormalizedPixels):
+    """Normalised pixels scored by a masked mean absolute error (a target with its own loss)."""
+
+    def loss(self, pred, target, weight):
+        err = (pred.float() - target.float()).abs().mean(dim=-1)
+        return (err * weight).sum() / weight.sum()
+
+
+def test_localmim_uses_the_targets_own_loss():
+    """Each tap's loss is the target's ``loss`` of that tap's prediction, target and weights
+    (here an L1), not a hard-wired MSE."""
+    from lmim import create_pretrainer
+    from lmim.losses import masked_mse
+
+    net = create_pretrainer("vit_test", "pixel", img_size=32)
+    net.target = L1Pixels(net.target.cell_sizes)
+    torch.manual_seed(0)
+    images = torch.randn(2, 3, 32, 32)
+    out = net(images)
+    for k, name in enumerate(net.tap_names):
+        l1 = net.target.loss(out.preds[k], out.targets[k], out.weights[k])
+        assert torch.equal(out.losses[name], l1)
+        assert not torch.allclose(l1, masked_mse(out.preds[k], out.targets[k], out.weights[k]))
+
+
+class LinearFeatures(Target):
+    """A frozen linear map of each 8-px cell (a stand-in for a network target)."""
+
+    def __init__(self, cell_sizes, precision="float32"):
+        super().__init__(cell_sizes)
+        self.precision = precision
+        self.proj = torch.nn.Linear(3 * 64, 16)
+
+    @property
+    def dims(self):
+        return [16] * len(self.cell_sizes)
+
+    def compute(self, images):
+        cells = images.unfold(2, 8, 8).unfold(3, 8, 8)  # B, 3, h, w, 8, 8
+        cells = cells.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)
+        return [self.proj(cells)] * len(self.cell_sizes)
+
+
+def test_target_precision_float32_or_the_runs():
+    """``precision="float32"`` computes in float32 under bf16 autocast; ``"run"`` leaves the
+    target under the run's autocast (bf16 out of a Linear), and neither tracks gradients."""
+    images = torch.randn(2, 3, 16, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact = LinearFeatures([8])(images)[0]
+        run = LinearFeatures([8], precision="run")(images)[0]
+    assert exact.dtype == torch.float32 and run.dtype == torch.bfloat16
+    assert not exact.requires_grad and not run.requires_grad
+
+
+def test_a_target_without_a_picture_says_so():
+    """The reconstruction picture is drawn by the target; one that has none raises
+    NotImplementedError naming it (the callback turns it into a warning)."""
+    from lmim import create_pretrainer
+    from lmim.viz import reconstruction_figure
+
+    net = create_pretrainer("vit_test", "pixel", img_size=32)
+    images = torch.randn(1, 3, 32, 32)
+    out = net(images)
+    grid = tuple(net.encoder.mask_grid)
+    with pytest.raises(NotImplementedError, match="LinearFeatures has no reconstruction"):
+        reconstruction_figure(images, out, net.tap_names, grid, LinearFeatures([8]))

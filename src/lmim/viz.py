@@ -377,8 +377,6 @@ def reconstruction_figure(
     Returns:
         A :class:`matplotlib.figure.Figure`.
     """
-    from lmim.targets import HOG
-
     n = images.shape[0]  # the output may hold more images (e.g. those scored)
     out = dataclasses.replace(
         out,
@@ -387,18 +385,15 @@ def reconstruction_figure(
         weights=[w[:n] for w in out.weights],
         mask=out.mask[:n],
     )
-    if isinstance(target, HOG):
-        return _hog_figure(
-            images, out, tap_names, patch_grid, target.nbins, mean, std, title, scores, zoom
-        )
-    return _pixel_figure(images, out, tap_names, patch_grid, target, mean, std, title, scores)
+    return target.figure(images, out, tap_names, patch_grid, mean, std, title, scores, zoom)
 
 
 def _score_label(scores: Sequence[CellScores] | None, k: int) -> str:
     return "" if scores is None else f"\nR² {scores[k].r2:.2f}"
 
 
-def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, scores, zoom):
+def hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, scores, zoom):
+    """The reconstruction picture of HOG targets (:meth:`lmim.targets.HOG.figure`)."""
     B, T = images.shape[0], len(tap_names)
     shown = denormalize(images.detach().float().cpu(), mean, std)
     fine = max(range(T), key=lambda k: out.grids[k][0] * out.grids[k][1])  # most cells
@@ -479,7 +474,8 @@ def _hog_figure(images, out, tap_names, patch_grid, nbins, mean, std, title, sco
     return fig
 
 
-def _pixel_figure(images, out, tap_names, patch_grid, target, mean, std, title, scores):
+def pixel_figure(images, out, tap_names, patch_grid, target, mean, std, title, scores):
+    """The reconstruction picture of pixel targets (``NormalizedPixels.figure``)."""
     B, T = images.shape[0], len(tap_names)
     x = images.detach().float().cpu()
     shown = denormalize(x, mean, std)

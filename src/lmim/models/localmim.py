@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lmim.errors import ConfigError
-from lmim.losses import masked_mse, scale_mask
+from lmim.losses import scale_mask
 from lmim.models.decoders import ViTLocalDecoder
 from lmim.models.masking import check_mask_ratio, mask_indices, num_visible, random_mask
 from lmim.scales import scaled_grid
@@ -242,7 +242,7 @@ class LocalMIM(nn.Module):
         for k, name in enumerate(self.tap_names):
             pred = self.decoders[k](self.norms[k](feats[k]), ids_restore)
             w = scale_mask(mask, grid, self.scales[k])
-            loss = masked_mse(pred, targets[k], w)
+            loss = self.target.loss(pred, targets[k], w)
             losses[name] = loss
             total = total + self.loss_weights[k] * loss
             preds.append(pred)

@@ -22,14 +22,24 @@ def cell_grid(size: tuple[int, int], cell: float, what: str = "target") -> tuple
 
 
 class Target(nn.Module):
-    """A frozen map from normalised images to per-cell targets at several cell sizes.
+    """A frozen map from normalised images to per-cell targets at several cell sizes, and what
+    is specific to it: :class:`lmim.models.LocalMIM` calls these and knows no target by name.
 
-    Subclasses implement :meth:`compute`. Calls always run in float32 with autocast off and
-    without gradients, whatever the surrounding precision.
+    - :meth:`compute`: the per-cell outputs (subclasses implement it);
+    - :attr:`dims`: each output's width, which sizes the decoder's head;
+    - :meth:`loss`: the loss on masked cells (default: masked MSE);
+    - :attr:`precision`: ``"float32"`` (default) runs :meth:`compute` in float32 with autocast
+      off, whatever the run's precision; ``"run"`` leaves it under the run's autocast (e.g. a
+      teacher network in bf16);
+    - :meth:`figure`: how the reconstruction picture draws targets and predictions.
+
+    Calls never track gradients.
 
     Args:
         cell_sizes: cell side in pixels for each output, e.g. (4, 8, 16, 32).
     """
+
+    precision: str = "float32"
 
     def __init__(self, cell_sizes: Sequence[float]) -> None:
         super().__init__()
@@ -54,6 +64,20 @@ class Target(nn.Module):
     def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The loss of one tap: ``pred`` (B, N, dims[k]) against ``target`` on cells weighted by
+        ``weight`` (B, N) (1 masked, 0 visible, fractions at coarse scales); a float32 scalar.
+        Default: :func:`lmim.losses.masked_mse`."""
+        from lmim.losses import masked_mse
+
+        return masked_mse(pred, target, weight)
+
+    def figure(self, images, out, tap_names, patch_grid, mean, std, title, scores, zoom):
+        """The reconstruction picture (:func:`lmim.viz.reconstruction_figure` passes its
+        arguments on); a target without one raises ``NotImplementedError``, which the
+        reconstruction callback reports as a warning."""
+        raise NotImplementedError(f"{type(self).__name__} has no reconstruction picture")
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Targets of a batch.
@@ -62,7 +86,10 @@ class Target(nn.Module):
             images: (B, 3, H, W) images (ImageNet-normalised in training).
 
         Returns:
-            One (B, N_k, dims[k]) float32 tensor per cell size, cells in raster order.
+            One (B, N_k, dims[k]) tensor per cell size, cells in raster order; float32 unless
+            :attr:`precision` is ``"run"``.
         """
+        if self.precision == "run":
+            return self.compute(images)
         with torch.autocast(device_type=images.device.type, enabled=False):
             return self.compute(images.float())

@@ -149,6 +149,14 @@ class HOG(Target):
         x = x / x.square().sum(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
         return x.reshape(B, -1, h * w).transpose(1, 2)
 
+    def figure(self, images, out, tap_names, patch_grid, mean, std, title, scores, zoom):
+        """Histograms drawn as oriented glyphs per cell, with an enlarged window."""
+        from lmim.viz import hog_figure
+
+        return hog_figure(
+            images, out, tap_names, patch_grid, self.nbins, mean, std, title, scores, zoom
+        )
+
     def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
         B = images.shape[0]
         for cell in self.cell_sizes:

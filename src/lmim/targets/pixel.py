@@ -56,6 +56,12 @@ class NormalizedPixels(Target):
     def dims(self) -> list[int]:
         return [int(c) ** 2 * self.in_chans for c in self.cell_sizes]
 
+    def figure(self, images, out, tap_names, patch_grid, mean, std, title, scores, zoom):
+        """Cells shown as pixels (de-normalised with the input's cell statistics)."""
+        from lmim.viz import pixel_figure
+
+        return pixel_figure(images, out, tap_names, patch_grid, self, mean, std, title, scores)
+
     def compute(self, images: torch.Tensor) -> list[torch.Tensor]:
         outs = []
         for c in self.cell_sizes:
