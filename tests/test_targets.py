@@ -480,3 +480,139 @@ def test_a_target_without_a_picture_says_so():
     grid = tuple(net.encoder.mask_grid)
     with pytest.raises(NotImplementedError, match="LinearFeatures has no reconstruction"):
         reconstruction_figure(images, out, net.tap_names, grid, LinearFeatures([8]))
+
+
+# -- target=codebook -----------------------------------------------------------------------------
+
+
+def demo_hog_cells(cell: int = 8) -> torch.Tensor:
+    """HOG cells (M, D) of a few bundled photos, ImageNet-normalised, at ``cell`` px."""
+    from lmim.data import load_demo_images
+    from lmim.data.transforms import eval_transform
+
+    tf = eval_transform(64)
+    images = torch.stack([tf(img) for img in load_demo_images(["astronaut", "coffee", "chelsea"])])
+    return HOG(cell_sizes=[cell])(images)[0].flatten(0, 1)
+
+
+def write_book(path, base="hog", cell_sizes=(8.0, 16.0), codes=6, dim=None):
+    """A valid codebook file of random codes (what lmim.codebook writes)."""
+    from lmim.targets.codebook import FORMAT, make_base
+
+    b = make_base(base, list(cell_sizes))
+    dims = b.dims if dim is None else [dim] * len(cell_sizes)
+    torch.save(
+        {
+            "format": FORMAT,
+            "base": base,
+            "cell_sizes": [float(c) for c in cell_sizes],
+            "codes": [torch.randn(codes, d) for d in dims],
+            "base_state": b.state_dict(),
+            "usage": [],
+        },
+        path,
+    )
+    return path
+
+
+def test_codebook_assignment_is_the_nearest_code():
+    """assign() equals a brute-force search over all codes."""
+    from lmim.targets.codebook import assign
+
+    g = torch.Generator().manual_seed(0)
+    feats, codes = torch.randn(3, 40, 7, generator=g), torch.randn(13, 7, generator=g)
+    brute = torch.cdist(feats.reshape(-1, 7), codes).argmin(-1).reshape(3, 40)
+    assert torch.equal(assign(feats, codes), brute)
+
+
+def test_kmeans_reduces_its_objective_on_real_photos():
+    """Mini-batch k-means on HOG cells of real photos lowers the mean squared distance to the
+    nearest code well below that of its random initial codes, and uses most codes."""
+    from lmim.codebook import kmeans
+    from lmim.targets.codebook import assign, usage
+
+    cells = demo_hog_cells()
+    codes, obj = kmeans(cells, 16, iters=40, batch=256, seed=0)
+    assert obj["objective"] < 0.9 * obj["objective_init"]
+    perplexity, dead = usage(assign(cells, codes), 16)
+    assert perplexity > 4 and dead < 8
+
+
+def test_codebook_loss_ignores_visible_cells(tmp_path):
+    """Cross-entropy on masked cells only: changing the logits of visible cells (weight 0)
+    leaves the loss as it is, changing a masked cell's logits moves it."""
+    from lmim.targets import Codebook
+
+    book = Codebook([8, 16], path=str(write_book(tmp_path / "b.pt")))
+    assert book.dims == [6, 6]
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.randn(2, 10, 6, generator=g), torch.randint(0, 6, (2, 10), generator=g)
+    weight = (torch.arange(10) % 2).float().expand(2, 10)
+    loss = book.loss(pred, target, weight)
+    visible = pred.clone()
+    visible[:, 0::2] += 5 * torch.randn(2, 5, 6, generator=g)
+    assert torch.equal(book.loss(visible, target, weight), loss)
+    masked = pred.clone()
+    masked[:, 1, 0] += 5  # one logit (a shift of all of them would not change the softmax)
+    assert not torch.allclose(book.loss(masked, target, weight), loss)
+    expected = torch.nn.functional.cross_entropy(
+        pred[:, 1::2].flatten(0, 1), target[:, 1::2].flatten()
+    )
+    assert torch.allclose(loss, expected)
+
+
+def test_codebook_refusals_name_the_fix(tmp_path):
+    """A missing file, a file that is none, a codebook fitted over another descriptor, for other
+    cell sizes or with another number of codes: one ConfigError each, before training."""
+    from lmim.targets import Codebook
+
+    book = write_book(tmp_path / "b.pt")
+    with pytest.raises(ConfigError, match="does not exist: fit one with `python -m lmim.codebook"):
+        Codebook([8, 16], path=str(tmp_path / "none.pt"))
+    (tmp_path / "x.pt").write_text("not a codebook")
+    with pytest.raises(ConfigError, match="cannot be read as a codebook"):
+        Codebook([8, 16], path=str(tmp_path / "x.pt"))
+    with pytest.raises(
+        ConfigError, match="fitted over hog, but this run asks for target.base=pixel"
+    ):
+        Codebook([8, 16], path=str(book), base="pixel")
+    with pytest.raises(ConfigError, match=r"fitted for \[8.0, 16.0\]-px cells"):
+        Codebook([4, 8], path=str(book))
+    with pytest.raises(ConfigError, match="holds \\[6, 6\\] codes per scale"):
+        Codebook([8, 16], path=str(book), codes=512)
+
+
+def test_codebook_cli_fits_and_trains(tmp_path):
+    """`python -m lmim.codebook` fits per-scale codes on the demo photos (printing usage and the
+    k-means objective), and `python -m lmim.train target=codebook target.path=...` trains on
+    them; the codes travel in the checkpoint."""
+    from tests.runs import SMALL, cli, load
+
+    common = [o for o in SMALL if o.startswith(("model=", "data=", "data.images", "data.img"))]
+    fit = cli(
+        *common,
+        "target.codes=8",
+        "images=64",
+        "iters=20",
+        "batch=512",
+        "out=book.pt",
+        "hydra.run.dir=fit",
+        cwd=tmp_path,
+        module="lmim.codebook",
+    )
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    assert "perplexity" in fit.stdout and "k-means objective" in fit.stdout
+    assert f"target.path={tmp_path / 'book.pt'}" in fit.stdout
+    run = cli(
+        *SMALL,
+        "target=codebook",
+        f"target.path={tmp_path / 'book.pt'}",
+        "trainer.max_steps=3",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = load(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    book = torch.load(tmp_path / "book.pt", weights_only=True)
+    for k, codes in enumerate(book["codes"]):
+        assert torch.equal(state[f"net.target.codes_{k}"], codes)

@@ -1,7 +1,9 @@
-"""Reconstruction targets: frozen, stateless maps from images to per-cell features."""
+"""Reconstruction targets: frozen maps from images to per-cell features (HOG, normalised
+pixels) or codes (a codebook over either)."""
 
 from lmim.targets.base import Target
+from lmim.targets.codebook import Codebook
 from lmim.targets.hog import HOG
 from lmim.targets.pixel import NormalizedPixels, patchify, unpatchify
 
-__all__ = ["HOG", "NormalizedPixels", "Target", "patchify", "unpatchify"]
+__all__ = ["HOG", "Codebook", "NormalizedPixels", "Target", "patchify", "unpatchify"]
