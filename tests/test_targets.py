@@ -616,3 +616,108 @@ def test_codebook_cli_fits_and_trains(tmp_path):
     book = torch.load(tmp_path / "book.pt", weights_only=True)
     for k, codes in enumerate(book["codes"]):
         assert torch.equal(state[f"net.target.codes_{k}"], codes)
+
+
+# -- target=teacher ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    """A small timm ViT (2 blocks, 16-px tokens at 32 px) saved as a local weights file."""
+    import timm
+
+    torch.manual_seed(0)
+    t = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save(t.state_dict(), path)
+    return path
+
+
+def make_teacher(path, cell_sizes=(4, 8, 16, 32), **kw):
+    from lmim.targets import Teacher
+
+    kw.setdefault("model_kwargs", {"depth": 2})
+    return Teacher(
+        cell_sizes, model="vit_tiny_patch16_224", checkpoint_path=str(path), img_size=32, **kw
+    )
+
+
+def test_teacher_targets_are_its_features_resampled_and_normalised(teacher_file):
+    """With the teacher's features known (2x2 tokens of 16 px), the targets at 4, 8, 16 and 32-px
+    cells are those tokens repeated 4x and 2x, as they are, and averaged, each normalised per
+    token (LayerNorm without affine)."""
+    t = make_teacher(teacher_file)
+    known = torch.randn(2, 192, 2, 2)
+    t.features = lambda images: known  # the identity map on known features
+    out = t(torch.zeros(2, 3, 32, 32))
+
+    def tokens(x):
+        return torch.nn.functional.layer_norm(x.flatten(2).transpose(1, 2), (192,))
+
+    rep = lambda x, r: x.repeat_interleave(r, 2).repeat_interleave(r, 3)  # noqa: E731
+    expected = [rep(known, 4), rep(known, 2), known, known.mean((2, 3), keepdim=True)]
+    for got, want in zip(out, expected, strict=True):
+        assert torch.allclose(got, tokens(want), atol=1e-5)
+
+
+def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(make_cfg, teacher_file):
+    """The teacher gets no gradient, is in none of the optimizer's groups and in no state dict
+    (its file and SHA-256 are), and its forward is counted in the FLOPs per image."""
+    from lmim.callbacks.perf import count_flops_per_image
+    from lmim.module import param_groups
+    from lmim.targets.teacher import file_digest
+    from lmim.train import build
+    from tests.runs import SMALL
+
+    overrides = [
+        *SMALL,
+        "target=teacher",
+        "target.model=vit_tiny_patch16_224",
+        f"target.checkpoint_path={teacher_file}",
+        "target.model_kwargs={depth: 2}",
+    ]
+    _, module = build(make_cfg(overrides))
+    net = module.net
+    teacher = list(net.target.teacher.parameters())
+    assert teacher and all(not p.requires_grad for p in teacher)
+    grouped = {id(p) for g in param_groups(net, 0.05) for p in g["params"]}
+    assert grouped and not grouped & {id(p) for p in teacher}
+    state = net.state_dict()
+    assert not [k for k in state if "teacher" in k and not k.endswith("_extra_state")]
+    assert state["target._extra_state"]["teacher_sha256"] == file_digest(teacher_file)
+    net(torch.randn(2, 3, 32, 32)).loss.backward()
+    assert all(p.grad is None for p in teacher)
+    _, pixel = build(make_cfg([*SMALL, "target=pixel"]))
+    with_teacher = count_flops_per_image(net, 2, (3, 32, 32))
+    assert with_teacher > count_flops_per_image(pixel.net, 2, (3, 32, 32))
+
+
+def test_teacher_refusals_name_the_fix(teacher_file, tmp_path):
+    """A missing weights file, weights of another model, a layer whose tokens cannot be
+    resampled to a tap's cells: one ConfigError each."""
+    with pytest.raises(ConfigError, match="is not a file: the teacher's weights must be a local"):
+        make_teacher(tmp_path / "none.pth")
+    with pytest.raises(ConfigError, match="does not hold the weights of vit_tiny_patch16_224"):
+        make_teacher(teacher_file, model_kwargs={"depth": 4})
+    with pytest.raises(ConfigError, match="16-px tokens, which cannot be resampled to a tap's 12"):
+        make_teacher(teacher_file, cell_sizes=(12,))
+
+
+def test_teacher_cli_trains(teacher_file, tmp_path):
+    """`python -m lmim.train target=teacher target.model=... target.checkpoint_path=...`."""
+    from tests.runs import SMALL, cli, load
+
+    run = cli(
+        *SMALL,
+        "target=teacher",
+        "target.model=vit_tiny_patch16_224",
+        f"target.checkpoint_path={teacher_file}",
+        "target.model_kwargs={depth: 2}",
+        "trainer.max_steps=3",
+        "hydra.run.dir=run",
+        cwd=tmp_path,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    assert not [k for k in ckpt["state_dict"] if "target.teacher" in k or "_teacher" in k]

@@ -97,7 +97,9 @@ def count_flops_per_image(
     from torch.func import functional_call
     from torch.utils.flop_counter import FlopCounterMode
 
-    mode = FakeTensorMode()
+    # Real tensors met in the forward (a teacher target's weights, which are not the module's
+    # parameters) are taken as fake ones, so their FLOPs are counted too.
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
     named = dict(module.named_parameters())
     state = {n: mode.from_tensor(t) for n, t in [*named.items(), *module.named_buffers()]}
     trainable = [state[n] for n, p in named.items() if p.requires_grad]

@@ -5,5 +5,6 @@ from lmim.targets.base import Target
 from lmim.targets.codebook import Codebook
 from lmim.targets.hog import HOG
 from lmim.targets.pixel import NormalizedPixels, patchify, unpatchify
+from lmim.targets.teacher import Teacher
 
-__all__ = ["HOG", "Codebook", "NormalizedPixels", "Target", "patchify", "unpatchify"]
+__all__ = ["HOG", "Codebook", "NormalizedPixels", "Target", "Teacher", "patchify", "unpatchify"]
