@@ -585,7 +585,7 @@ def test_codebook_refusals_name_the_fix(tmp_path):
 def test_codebook_cli_fits_and_trains(tmp_path):
     """`python -m lmim.codebook` fits per-scale codes on the demo photos (printing usage and the
     k-means objective), and `python -m lmim.train target=codebook target.path=...` trains on
-    them; the codes travel in the checkpoint."""
+    them, logging the batch's code usage per scale; the codes travel in the checkpoint."""
     from tests.runs import SMALL, cli, load
 
     common = [o for o in SMALL if o.startswith(("model=", "data=", "data.images", "data.img"))]
@@ -616,6 +616,14 @@ def test_codebook_cli_fits_and_trains(tmp_path):
     book = torch.load(tmp_path / "book.pt", weights_only=True)
     for k, codes in enumerate(book["codes"]):
         assert torch.equal(state[f"net.target.codes_{k}"], codes)
+    import csv
+
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("codebook/perplexity_4px")]
+    assert len(rows) == 3  # logged every step (log_every_n_steps=1), for every scale
+    for r in rows:
+        assert 1.0 <= float(r["codebook/perplexity_4px"]) <= 8.0
+        assert 0 <= float(r["codebook/unused_32px"]) <= 8
 
 
 # -- target=teacher ------------------------------------------------------------------------------

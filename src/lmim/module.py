@@ -265,6 +265,13 @@ class LocalMIMModule(L.LightningModule):
         losses = losses.float()
         self._step_losses = losses if self._step_losses is None else self._step_losses + losses
         self._micro_batches += 1
+        trainer = self._trainer
+        every = trainer.log_every_n_steps if trainer is not None else 1
+        if (self.global_step + 1) % max(1, every) == 0:  # only where Lightning logs anyway
+            target = getattr(self.net, "target", None)
+            metrics = target.step_metrics(out.targets) if target is not None else {}
+            for name, value in metrics.items():
+                self.log(name, value)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

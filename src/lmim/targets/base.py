@@ -28,6 +28,7 @@ class Target(nn.Module):
     - :meth:`compute`: the per-cell outputs (subclasses implement it);
     - :attr:`dims`: each output's width, which sizes the decoder's head;
     - :meth:`loss`: the loss on masked cells (default: masked MSE);
+    - :meth:`step_metrics`: what training logs about the targets (default: nothing);
     - :attr:`precision`: ``"float32"`` (default) runs :meth:`compute` in float32 with autocast
       off, whatever the run's precision; ``"run"`` leaves it under the run's autocast (e.g. a
       teacher network in bf16);
@@ -71,6 +72,11 @@ class Target(nn.Module):
         from lmim.losses import masked_mse
 
         return masked_mse(pred, target, weight)
+
+    def step_metrics(self, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Metrics of a batch's targets that training logs on logging steps (e.g. a codebook's
+        usage), as ``{name: scalar tensor}``; none by default."""
+        return {}
 
     def figure(self, images, out, tap_names, patch_grid, mean, std, title, scores, zoom):
         """The reconstruction picture (:func:`lmim.viz.reconstruction_figure` passes its

@@ -135,6 +135,18 @@ class Codebook(Target):
         feats = self.base.compute(images)
         return [assign(f, c) for f, c in zip(feats, self.codes, strict=True)]
 
+    def step_metrics(self, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Code usage in the batch, per scale: ``codebook/perplexity_<cell>px`` (the number of
+        codes when all are used alike) and ``codebook/unused_<cell>px`` (codes no cell took)."""
+        out = {}
+        for cell, idx, k in zip(self.cell_sizes, targets, self.dims, strict=True):
+            counts = torch.bincount(idx.flatten(), minlength=k).float()
+            p = counts / counts.sum().clamp_min(1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum()
+            out[f"codebook/perplexity_{cell:g}px"] = entropy.exp()
+            out[f"codebook/unused_{cell:g}px"] = (counts == 0).sum().float()
+        return out
+
     def loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the logits ``pred`` (B, N, K) against code indices ``target`` (B, N),
         weighted per cell like the MSE of the other targets."""
