@@ -388,6 +388,20 @@ def test_dali_bad_files_are_skipped_or_replaced(photos, tmp_path):
     assert any(torch.equal(views[1], views[j]) for j in range(len(keys)) if j != 1)
 
 
+def test_dali_batches_reach_the_model_normalised(photos):
+    """What Lightning does with a dali batch: the loader yields undecoded files, the
+    DataModule's on_after_batch_transfer decodes them (DALI) and normalises them."""
+    from lmim.data.dali import EncodedBatch
+
+    dm = folder(photos, "dali", 32)
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch[0], EncodedBatch) and len(batch[0]) == 4
+    images, labels = dm.on_after_batch_transfer(batch, 0)
+    assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32)
+    assert torch.equal(labels, batch[1]) and -3 < float(images.mean()) < 3
+
+
+@pytest.mark.slow
 def test_dali_cli_trains(photos, tmp_path):
     """`python -m lmim.train data=imagefolder_dali` trains through Lightning on the CPU."""
     run = cli(

@@ -711,6 +711,32 @@ def test_teacher_refusals_name_the_fix(teacher_file, tmp_path):
         make_teacher(teacher_file, cell_sizes=(12,))
 
 
+def test_teacher_run_trains(make_cfg, teacher_file, tmp_path):
+    """A real Trainer run with target=teacher (in this process; the command line is the slow
+    test below): 3 steps, a finite loss, no teacher weights in the checkpoint."""
+    import math
+
+    from lmim.train import train
+    from tests.runs import SMALL, load
+
+    cfg = make_cfg(
+        [
+            *SMALL,
+            "target=teacher",
+            "target.model=vit_tiny_patch16_224",
+            f"target.checkpoint_path={teacher_file}",
+            "target.model_kwargs={depth: 2}",
+            "trainer.max_steps=3",
+        ]
+    )
+    result = train(cfg)
+    assert math.isfinite(result["metrics"]["train/loss"])
+    ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    assert not [k for k in ckpt["state_dict"] if "teacher" in k and "_extra_state" not in k]
+
+
+@pytest.mark.slow
 def test_teacher_cli_trains(teacher_file, tmp_path):
     """`python -m lmim.train target=teacher target.model=... target.checkpoint_path=...`."""
     from tests.runs import SMALL, cli, load
