@@ -497,3 +497,27 @@ def test_init(vit_test: LocalMIM) -> None:
         # xavier would reach sqrt(6 / (fan_in + fan_out)), well above the default bound here
         fan_out = m.weight.shape[0] * m.weight[0, 0].numel()
         assert default < 0.9 * math.sqrt(6 / (fan_in + fan_out))
+
+
+def test_encoders_follow_the_masked_encoder_protocol():
+    """MaskedViT and MaskedSwin provide every member lmim reads (lmim.models.protocol); an
+    encoder without them is refused by LocalMIM in one line naming what it lacks."""
+    import torch.nn as nn
+
+    from lmim import create_pretrainer
+    from lmim.errors import ConfigError
+    from lmim.models import LocalMIM, MaskedEncoder
+    from lmim.targets import HOG
+
+    for name, size in (("vit_test", 64), ("swin_test", 128)):
+        assert isinstance(create_pretrainer(name, img_size=size).encoder, MaskedEncoder), name
+
+    class Half(nn.Module):
+        img_size, patch_size, depth = 32, 16, 2
+
+        def forward(self, images, mask=None, taps=None, isolate_gradients=False, ids_keep=None):
+            return [images]
+
+    assert not isinstance(Half(), MaskedEncoder)
+    with pytest.raises(ConfigError, match="lacks mask_grid, mask_unit, feature_info, paper_taps"):
+        LocalMIM(Half(), HOG)

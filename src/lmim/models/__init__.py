@@ -3,6 +3,7 @@
 from lmim.models.decoders import SwinLocalDecoder, ViTLocalDecoder
 from lmim.models.localmim import LocalMIM, LocalMIMOutput
 from lmim.models.masking import mask_indices, random_mask
+from lmim.models.protocol import MaskedEncoder
 from lmim.models.swin import MaskedSwin, MaskedSwinBlock
 from lmim.models.vit import MaskedViT
 
@@ -12,6 +13,7 @@ __all__ = [
     "SwinLocalDecoder",
     "LocalMIM",
     "LocalMIMOutput",
+    "MaskedEncoder",
     "MaskedViT",
     "ViTLocalDecoder",
     "mask_indices",

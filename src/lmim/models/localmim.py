@@ -12,6 +12,7 @@ from lmim.errors import ConfigError
 from lmim.losses import scale_mask
 from lmim.models.decoders import ViTLocalDecoder
 from lmim.models.masking import check_mask_ratio, mask_indices, num_visible, random_mask
+from lmim.models.protocol import check_encoder
 from lmim.scales import scaled_grid
 from lmim.targets.base import Target
 
@@ -109,6 +110,7 @@ class LocalMIM(nn.Module):
         mask_group_size: int | None = None,
     ) -> None:
         super().__init__()
+        check_encoder(encoder)
         self.encoder = encoder
         taps = encoder.paper_taps if taps is None else taps
         scales = encoder.paper_scales if scales is None else scales
