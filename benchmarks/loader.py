@@ -42,27 +42,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lmim.data.datamodules import DEMO_IMAGES
+
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "immunohistochemistry",
-    "retina",
-    "colorwheel",
-    "camera",
-    "coins",
-    "clock",
-    "moon",
-    "brick",
-    "grass",
-    "gravel",
-    "text",
-    "page",
-    "cat",
-)
+# The demo photos and two more bundled ones.
+PHOTOS = (*DEMO_IMAGES, "page", "cat")
 
 
 def make_corpus(folder: Path, count: int, seed: int = 0) -> Path:
@@ -97,10 +81,11 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def datamodule(kind: str, corpus: Path, shards: Path, img_size: int, **kw):
+def datamodule(kind: str, corpus: Path, shards: Path, img_size: int, workers: int = 0):
+    """The training DataModule of a path (``pil``, ``fast``, ``dali``: the folder; ``shards``)."""
     from lmim.data import ImageFolderDataModule, ShardsDataModule
 
-    common = dict(img_size=img_size, batch_size=64, num_workers=0, seed=0, **kw)
+    common = dict(img_size=img_size, batch_size=64, num_workers=workers, seed=0)
     if kind == "shards":
         dm = ShardsDataModule(path=str(shards), **common)
     else:
@@ -116,7 +101,7 @@ def per_core(corpus: Path, shards: Path, n: int, img_size: int, rounds: int) -> 
 
     dms = {k: datamodule(k, corpus, shards, img_size) for k in ("pil", "fast", "shards")}
     files = [p for p, _ in dms["pil"].train_set.source.samples]
-    orders = {k: [key for key in dm.make_sampler(1, 0, 0)] for k, dm in dms.items()}
+    orders = {k: list(dm.make_sampler(1, 0, 0)) for k, dm in dms.items()}
     per_round = max(1, n // rounds)
     rates: dict[str, list[float]] = {k: [] for k in ("decode", *dms)}
     for r in range(rounds):
@@ -168,15 +153,7 @@ def with_worker(corpus: Path, shards: Path, n: int, img_size: int) -> dict:
     """Images/s of each path's real loader with one worker process (batches of 64)."""
     out = {}
     for k in ("pil", "fast", "shards"):
-        from lmim.data import ImageFolderDataModule, ShardsDataModule
-
-        common = dict(img_size=img_size, batch_size=64, num_workers=1, seed=0)
-        dm = (
-            ShardsDataModule(path=str(shards), **common)
-            if k == "shards"
-            else ImageFolderDataModule(root=str(corpus), pipeline=k, **common)
-        )
-        loader = iter(dm.train_dataloader())
+        loader = iter(datamodule(k, corpus, shards, img_size, workers=1).train_dataloader())
         next(loader)  # worker start-up
         t, images = time.perf_counter(), 0
         for batch in loader:  # the rest of the epoch, at most n images

@@ -238,3 +238,28 @@ def finished_wandb_file(path: Path, timeout: float = 120):
             return run
         assert time.monotonic() < end, f"{path}: no exit record after {timeout} s"
         time.sleep(0.2)
+
+
+def assert_two_processes_match_one(common: list[str], tmp_path: Path, steps: int) -> None:
+    """``python -m lmim.train <common>`` as 1 process x 8 images and as 2 gloo processes x 4
+    images (the same global batch): the same global-batch losses at each of ``steps`` steps,
+    within 1e-5, and the loss moves (the comparison is not vacuous)."""
+    one = cli(
+        *common, "trainer=cpu", "data.batch_size=8", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = cli(
+        *common,
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "data.batch_size=4",
+        f"hydra.run.dir={tmp_path}/two",
+        cwd=tmp_path,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = loss_rows(tmp_path / "one" / "csv" / "metrics.csv")
+    b = loss_rows(tmp_path / "two" / "csv" / "metrics.csv")
+    assert sorted(a) == sorted(b) == list(range(steps))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert len(set(a.values())) == steps

@@ -25,9 +25,9 @@ from lmim.seeding import AUGMENT, derive_seed
 from tests.runs import (
     SMALL,
     assert_same_weights,
+    assert_two_processes_match_one,
     cli,
     load,
-    loss_rows,
     photo_folder,
     start_cli,
     wait_for,
@@ -434,22 +434,4 @@ def test_shards_ddp_two_processes_match_one_process(photos, tmp_path):
         "trainer.max_steps=4",
         "trainer.max_epochs=-1",
     ]
-    one = cli(
-        *common, "trainer=cpu", "data.batch_size=8", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = cli(
-        *common,
-        "trainer=ddp_cpu",
-        "trainer.devices=2",
-        "data.batch_size=4",
-        f"hydra.run.dir={tmp_path}/two",
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = loss_rows(tmp_path / "one" / "csv" / "metrics.csv")
-    b = loss_rows(tmp_path / "two" / "csv" / "metrics.csv")
-    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
-    for step in a:
-        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
-    assert len(set(a.values())) == 4
+    assert_two_processes_match_one(common, tmp_path, steps=4)

@@ -26,6 +26,7 @@ from tests.runs import (
     RESUMABLE,
     SMALL,
     assert_same_weights,
+    assert_two_processes_match_one,
     cli,
     cli_env,
     finished_wandb_file,
@@ -498,25 +499,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         "trainer.max_steps=5",
         "trainer.max_epochs=-1",
     ]
-    one = cli(
-        *common, "trainer=cpu", "data.batch_size=8", f"hydra.run.dir={tmp_path}/one", cwd=tmp_path
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = cli(
-        *common,
-        "trainer=ddp_cpu",
-        "trainer.devices=2",
-        "data.batch_size=4",
-        f"hydra.run.dir={tmp_path}/two",
-        cwd=tmp_path,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = loss_rows(tmp_path / "one" / "csv" / "metrics.csv")
-    b = loss_rows(tmp_path / "two" / "csv" / "metrics.csv")
-    assert sorted(a) == sorted(b) == [0, 1, 2, 3, 4]
-    for step in a:
-        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
-    assert len(set(a.values())) == 5  # the loss moves: the comparison is not vacuous
+    assert_two_processes_match_one(common, tmp_path, steps=5)
 
 
 # -- 5. config mistakes --------------------------------------------------------------------------

@@ -515,6 +515,17 @@ def write_book(path, base="hog", cell_sizes=(8.0, 16.0), codes=6, dim=None):
     return path
 
 
+def test_codebook_bases_are_the_target_configs(make_cfg):
+    """Each base a codebook quantises has the class and settings of target=<base>."""
+    from lmim.targets.codebook import BASES, make_base
+
+    for base, (name, params) in BASES.items():
+        cfg = make_cfg([f"target={base}"]).target
+        assert cfg._target_ == f"lmim.targets.{name}"
+        assert params == {k: v for k, v in cfg.items() if not k.startswith("_")}, base
+        assert type(make_base(base, [8, 16])).__name__ == name
+
+
 def test_codebook_assignment_is_the_nearest_code():
     """assign() equals a brute-force search over all codes."""
     from lmim.targets.codebook import assign

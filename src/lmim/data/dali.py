@@ -24,16 +24,14 @@ DALI is an optional dependency: ``pip install "lmim[dali]"`` (the CUDA 13 build;
 
 from __future__ import annotations
 
-import io
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
-from lmim.data.decode import CropDecode
-from lmim.data.images import EncodedImage, UnreadableImageError, error_reason
+from lmim.data.decode import CropDecode, open_header
+from lmim.data.images import EncodedImage, UnreadableImageError
 from lmim.errors import ConfigError
 
 
@@ -68,12 +66,9 @@ class CropPlan(CropDecode):
                 "(data=imagefolder_dali, data=shards data.pipeline=dali), not in-memory photos"
             )
         data = img.read()
-        try:
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-                kind = header.format
-        except Exception as err:
-            raise UnreadableImageError(img.name, error_reason(err)) from err
+        with open_header(img.name, data) as header:
+            width, height = header.size
+            kind = header.format
         if kind == "JPEG" and not data.rstrip(b"\0").endswith(b"\xff\xd9"):
             raise UnreadableImageError(img.name, "truncated JPEG (no end-of-image marker)")
         top, left, h, w, flip = self.params(width, height)
@@ -211,7 +206,7 @@ class DaliDecoder:
         return torch.stack(filled).to(self.device), skipped
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "CropPlan",
     "DaliDecoder",
     "EncodedBatch",

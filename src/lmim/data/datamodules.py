@@ -18,6 +18,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 from torchvision.transforms import RandomResizedCrop
 
+from lmim.data.dali import EncodedBatch
 from lmim.data.decode import DRAFT_MARGIN, CropDecode, normalize_uint8
 from lmim.data.images import (
     ImageFiles,
@@ -132,6 +133,7 @@ class _PretrainDataModule(L.LightningDataModule):
         self.eval_crop_pct = float(eval_crop_pct)
         self.train_set: TrainSet | None = None
         self.loader: ResumableLoader | None = None
+        self._stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self._loader_state: dict[str, int] | None = None
 
     def _run_seed(self) -> int:
@@ -158,7 +160,14 @@ class _PretrainDataModule(L.LightningDataModule):
         """A training batch as the model takes it: uint8 batches (``pipeline=fast``) are
         normalised here, on their device; float batches are already normalised."""
         if images.dtype == torch.uint8:
-            return normalize_uint8(images, self.mean, self.std)
+            # The constants are made once per device, not copied to it every step.
+            stats = self._stats.get(images.device)
+            if stats is None:
+                stats = self._stats[images.device] = tuple(
+                    torch.tensor(v, dtype=torch.float32, device=images.device)
+                    for v in (self.mean, self.std)
+                )
+            return normalize_uint8(images, *stats)
         return images
 
     def decode_on_device(self, batch: Any, device: torch.device) -> torch.Tensor:
@@ -177,8 +186,6 @@ class _PretrainDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Lightning's hook after a batch reached the device: decode an undecoded batch there
         (DALI), normalise uint8 images."""
-        from lmim.data.dali import EncodedBatch
-
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], EncodedBatch):
             device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
             batch = type(batch)([self.decode_on_device(batch[0], device), *batch[1:]])

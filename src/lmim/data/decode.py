@@ -38,6 +38,18 @@ from torchvision.transforms import RandomResizedCrop
 from lmim.data.images import EncodedImage, UnreadableImageError, error_reason, to_rgb
 
 
+def open_header(name: str, data: bytes) -> Image.Image:
+    """The image in ``data``, opened lazily (header read, pixels not decoded).
+
+    Raises:
+        UnreadableImageError: ``data`` is not an image PIL recognises.
+    """
+    try:
+        return Image.open(io.BytesIO(data))
+    except Exception as err:
+        raise UnreadableImageError(name, error_reason(err)) from err
+
+
 def _chw(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (3, H, W) uint8 view of its pixels (channels-last in memory, which is
     what torch's uint8 resize runs fastest on)."""
@@ -105,23 +117,25 @@ class CropDecode:
             top, left, h, w, flip = self.params(width, height)
             return self._resize(_chw(img.convert("RGB")), (top, left, h, w), 1.0, 1.0, flip)
         data = img.read()
-        try:
-            with Image.open(io.BytesIO(data)) as header:
-                width, height = header.size
-        except Exception as err:
-            raise UnreadableImageError(img.name, error_reason(err)) from err
-        top, left, h, w, flip = self.params(width, height)
-        return self.render(EncodedImage(img.name, data), (top, left, h, w), flip)
+        header = open_header(img.name, data)
+        top, left, h, w, flip = self.params(*header.size)
+        return self._decode(img.name, data, header, (top, left, h, w), flip)
 
     def render(self, img: EncodedImage, box: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
         """The view of ``img`` for a drawn ``box`` = ``(top, left, h, w)`` (full-scale pixels)
         and ``flip``: decode (at reduced scale when the box allows), crop, resize, flip."""
         data = img.read()
-        try:
-            header = Image.open(io.BytesIO(data))
-            width, height = header.size
-        except Exception as err:
-            raise UnreadableImageError(img.name, error_reason(err)) from err
+        return self._decode(img.name, data, open_header(img.name, data), box, flip)
+
+    def _decode(
+        self,
+        name: str,
+        data: bytes,
+        header: Image.Image,
+        box: tuple[int, int, int, int],
+        flip: bool,
+    ) -> torch.Tensor:
+        width, height = header.size
         try:
             if header.format == "JPEG" and header.mode in ("RGB", "L"):
                 k = self.draft_factor(box[2], box[3])
@@ -135,7 +149,7 @@ class CropDecode:
                 header.load()
                 pixels = _chw(to_rgb(header))
         except Exception as err:
-            raise UnreadableImageError(img.name, error_reason(err)) from err
+            raise UnreadableImageError(name, error_reason(err)) from err
         finally:
             header.close()
         sy, sx = pixels.shape[1] / height, pixels.shape[2] / width
@@ -162,11 +176,13 @@ class CropDecode:
 
 
 def normalize_uint8(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float]
+    images: torch.Tensor,
+    mean: Sequence[float] | torch.Tensor,
+    std: Sequence[float] | torch.Tensor,
 ) -> torch.Tensor:
     """(B, 3, H, W) uint8 -> normalised float32, by the operations of torchvision's ``ToTensor``
     and ``Normalize`` (divide by 255, subtract the mean, divide by the std), on the tensor's
-    device."""
-    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    device. ``mean`` and ``std`` already on that device (float32) are used as they are."""
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, -1, 1, 1)
     return images.to(torch.float32).div(255).sub_(m).div_(s)

@@ -69,8 +69,9 @@ def error_reason(err: Exception) -> str:
     return f"{type(err).__name__}: {err}".strip().rstrip(":")
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file fully and convert it to RGB (:func:`to_rgb`).
+def load_rgb(path: str | Path | io.BytesIO, name: str | None = None) -> Image.Image:
+    """Decode an image file (or in-memory bytes, called ``name`` in errors) fully and convert it
+    to RGB (:func:`to_rgb`).
 
     Raises:
         UnreadableImageError: the file is missing, truncated, not an image, or fails to decode.
@@ -80,7 +81,7 @@ def load_rgb(path: str | Path) -> Image.Image:
             img.load()
             return to_rgb(img)
     except Exception as err:  # every decoder failure means the same: the file is unusable
-        raise UnreadableImageError(str(path), error_reason(err)) from err
+        raise UnreadableImageError(str(name or path), error_reason(err)) from err
 
 
 class EncodedImage:
@@ -106,15 +107,8 @@ class EncodedImage:
             raise UnreadableImageError(self.name, f"{type(err).__name__}: {err}") from err
 
     def decode(self) -> Image.Image:
-        """The whole image as 8-bit RGB (what :func:`lmim.data.images.load_rgb` gives)."""
-        try:
-            with Image.open(io.BytesIO(self.read())) as img:
-                img.load()
-                return to_rgb(img)
-        except UnreadableImageError:
-            raise
-        except Exception as err:
-            raise UnreadableImageError(self.name, error_reason(err)) from err
+        """The whole image as 8-bit RGB (:func:`load_rgb` of its bytes)."""
+        return load_rgb(io.BytesIO(self.read()), self.name)
 
 
 class ImageSource(Protocol):

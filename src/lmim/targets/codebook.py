@@ -20,7 +20,8 @@ from lmim.errors import ConfigError
 from lmim.targets.base import Target
 
 FORMAT = "lmim-codebook-1"
-# The descriptors a codebook can be fitted over, as the target configs of the same names.
+# The descriptors a codebook can be fitted over: the target configs of the same names (a test
+# keeps these in step with conf/target/).
 BASES: dict[str, tuple[str, dict[str, Any]]] = {
     "hog": ("HOG", {"nbins": 9, "bias": False}),
     "hog18": ("HOG", {"nbins": 18, "bias": True}),

@@ -44,7 +44,12 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lmim.data.datamodules import _PretrainDataModule, _split_name, spread
+from lmim.data.datamodules import (
+    ImageFolderDataModule,
+    _PretrainDataModule,
+    _split_name,
+    spread,
+)
 from lmim.data.images import (
     EncodedImage,
     LabelledImages,
@@ -395,15 +400,11 @@ def write_shards(
         ConfigError: the folder is not an ImageFolder split, or ``out`` already holds data.
     """
     import litdata
-    from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-
-    from lmim.data.datamodules import ImageFolderDataModule, class_folders
 
     dm = ImageFolderDataModule(root=root, split=split)
-    dm.validate()
+    classes = dm.classes  # checks the folder (ConfigError naming the fix)
     split_dir = dm.split_dir
-    classes = class_folders(split_dir, root)
-    samples = make_dataset(str(split_dir), {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)
+    samples = dm._samples("train")
     target = Path(os.path.expanduser(out))
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ConfigError(
