@@ -325,6 +325,7 @@ def main() -> None:
     p.add_argument("--skip-fit", action="store_true")
     p.add_argument("--skip-worker", action="store_true")
     args = p.parse_args()
+    args.out = args.out.resolve()  # the short fit runs in it and reads the corpus by path
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     corpus = make_corpus(args.out / "corpus", args.images)
