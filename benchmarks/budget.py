@@ -12,7 +12,15 @@ A ViT 192 wide x 8 deep x 3 heads with 8-px patches on Fashion-MNIST at 64 px
 * ``mae-sized``: MAE with a 2-block x 128 x 4-head decoder;
 * named with ``--arms`` only, LocalMIM's ablations with the sized decoders:
   ``localmim-single-scale`` (every tap at the mask unit's scale), ``localmim-top-only`` (one
-  decoder on the top block) and ``localmim-isolated`` (gradient-isolated segments).
+  decoder on the top block) and ``localmim-isolated`` (gradient-isolated segments);
+* with ``--targets``, instead of the arms: ``localmim-sized`` with each named target
+  (``localmim-sized-hog``, ``-pixel``, ``-codebook``, ``-teacher``). Their inputs are made
+  first and timed apart from the budget: the codebook by ``python -m lmim.codebook`` on the
+  training images (HOG at the taps' cells, ``--codebook-codes`` codes); the teacher by an
+  ``mae-sized`` pre-training of ``--teacher-minutes`` (seed ``--teacher-seed``) exported with
+  ``python -m lmim.export`` and loaded as the timm ViT of its architecture from that weights
+  file. The teacher's forward runs inside every training step, so it is in the arm's device
+  time; its own pre-training is reported beside it, with its accuracy.
 
 Every arm of a seed starts from the same encoder weights. Each arm's step time is measured
 first and its cosine is set to end at the budget; the weights are saved at 40/60/80/100% of it
@@ -35,6 +43,8 @@ final encoders and initial weights (NMI and attention distance per block, attent
     python benchmarks/budget.py --minutes 10 --out outputs/ablations --arms localmim-sized \\
         mae-sized localmim-single-scale localmim-top-only localmim-isolated \\
         --equal-steps-arms --finetune-epochs 0 --eval-points last --analyze   # the ablation study
+    python benchmarks/budget.py --targets hog,pixel,codebook,teacher --finetune-epochs 0 \
+        --out outputs/targets                                               # the target study
 
 Finished stages are kept: re-running the same command after an interruption skips them (a timed
 run that did not finish is started again from scratch, since a resumed one would not be timed
@@ -84,6 +94,14 @@ ARMS: dict[str, list[str]] = {
 }
 # The four arms a plain run trains; the ablation arms only when named with --arms.
 DEFAULT_ARMS = ["localmim-released", "localmim-sized", "mae-released", "mae-sized"]
+# --targets: localmim-sized with each target; codebook and teacher get their files' overrides
+# from prepare_targets.
+TARGETS = ("hog", "pixel", "codebook", "teacher")
+for _t in TARGETS:
+    ARMS[f"localmim-sized-{_t}"] = [*SIZED, f"target={_t}"]
+TEACHER_ARM = "mae-sized"
+# The timm model the teacher is built as (its architecture comes from the exported encoder).
+TEACHER_TIMM = "vit_tiny_patch16_224"
 FRACTIONS = (0.4, 0.6, 0.8, 1.0)
 EVAL_KEYS = ("knn_last", "knn_mid", "linear_last", "linear_mid")
 EVAL_NAMES = {
@@ -102,7 +120,8 @@ def log(msg: str) -> None:
 
 
 def experiment_overrides(args: argparse.Namespace, arm: str) -> list[str]:
-    return ["experiment=fmnist_budget", *ARMS[arm], *args.override]
+    prepared = getattr(args, "target_overrides", {}).get(arm, [])
+    return ["experiment=fmnist_budget", *ARMS[arm], *prepared, *args.override]
 
 
 def calibrate(args: argparse.Namespace, arm: str) -> float:
@@ -148,7 +167,7 @@ def run_train(overrides: list[str], run_dir: Path) -> dict:
 
 
 def train_overrides(args, arm: str, seed: int, steps: int, minutes: list[float], stop: bool):
-    budget_label = f"{args.minutes:g}min" if stop else f"{steps}steps"
+    budget_label = f"{minutes[-1]:g}min" if stop else f"{steps}steps"
     return [
         *experiment_overrides(args, arm),
         f"seed={seed}",
@@ -161,6 +180,125 @@ def train_overrides(args, arm: str, seed: int, steps: int, minutes: list[float],
         f"callbacks.budget.stop_at_last={str(stop).lower()}",
         "resume=false",
     ]
+
+
+# ---- target inputs (--targets) ---------------------------------------------------------------
+
+
+def _hydra_value(v) -> str:
+    return str(v).lower() if isinstance(v, bool) else repr(v)
+
+
+def codebook_overrides(args: argparse.Namespace) -> list[str]:
+    """``python -m lmim.codebook`` overrides giving the budget model's taps and images: the
+    experiment's model settings and the run's data and model overrides."""
+    own = [o for o in args.override if o.split("=", 1)[0].split(".")[0] in ("data", "model")]
+    return [
+        "data=fashion_mnist",
+        "model=vit_tiny",
+        "model.encoder.patch_size=8",
+        "model.encoder.depth=8",
+        "model.encoder.timm_name=null",
+        "target.base=hog",
+        f"target.codes={args.codebook_codes}",
+        f"images={args.codebook_images}",
+        *own,
+    ]
+
+
+def _run_cli(cmd: list[str], logfile: Path, what: str) -> None:
+    log("run: " + " ".join(cmd[1:]))
+    with open(logfile, "w") as f:
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"{what} failed (exit {proc.returncode}); see {logfile}")
+
+
+def prepare_targets(args: argparse.Namespace, out: Path, calib: dict, calib_path: Path) -> dict:
+    """Make the files the ``--targets`` arms read (kept when a re-run finds them) and set
+    ``args.target_overrides``; returns what each cost, timed apart from the arms' budgets.
+
+    * codebook: ``python -m lmim.codebook`` over HOG at the taps' cells of the training images;
+    * teacher: ``mae-sized`` pre-trained for ``--teacher-minutes`` (seed ``--teacher-seed``),
+      exported by ``python -m lmim.export`` and loaded from that file as the timm ViT of its
+      architecture.
+    """
+    from lmim.export import timm_architecture
+
+    folder = out / "targets"
+    folder.mkdir(parents=True, exist_ok=True)
+    args.target_overrides, prep = {}, {}
+    if "codebook" in args.targets:
+        path, summary = folder / "codebook.pt", folder / "codebook.json"
+        if not summary.is_file():
+            path.unlink(missing_ok=True)
+            t = time.perf_counter()
+            cmd = [sys.executable, "-m", "lmim.codebook", *codebook_overrides(args)]
+            cmd += [f"out={path}", f"hydra.run.dir={folder / 'codebook_run'}"]
+            _run_cli(cmd, folder / "codebook.log", "fitting the codebook")
+            book = torch.load(path, map_location="cpu", weights_only=True)
+            summary.write_text(
+                json.dumps(
+                    {
+                        "wall_minutes": (time.perf_counter() - t) / 60,
+                        "codes": args.codebook_codes,
+                        "images": args.codebook_images,
+                        "cell_sizes": book["cell_sizes"],
+                        "usage": book["usage"],
+                    },
+                    indent=1,
+                )
+            )
+        prep["codebook"] = json.loads(summary.read_text())
+        args.target_overrides["localmim-sized-codebook"] = [
+            f"target.path={path}",
+            "target.base=hog",
+        ]
+    if "teacher" in args.targets:
+        key = f"teacher:{TEACHER_ARM}"
+        if key not in calib:
+            calib[key] = calibrate(args, TEACHER_ARM)
+            log(f"{key}: {calib[key]:.3f} s/step")
+            calib_path.write_text(json.dumps(calib, indent=1))
+        steps = max(1, math.floor(args.margin * 60 * args.teacher_minutes / calib[key]))
+        run_dir = folder / "teacher-run"
+        points = run_train(
+            train_overrides(
+                args, TEACHER_ARM, args.teacher_seed, steps, [args.teacher_minutes], True
+            ),
+            run_dir,
+        )
+        weights = folder / "teacher.pth"
+        if not weights.is_file():
+            cmd = [
+                sys.executable,
+                "-m",
+                "lmim.export",
+                points["end"]["path"],
+                "--out",
+                str(weights),
+            ]
+            _run_cli(cmd, folder / "export.log", "exporting the teacher")
+        _, arch = timm_architecture(load_pretrainer(points["end"]["path"]).encoder)
+        kwargs = {k: v for k, v in arch.items() if k != "img_size"}
+        kw = ",".join(f"{k}:{_hydra_value(v)}" for k, v in kwargs.items())
+        args.target_overrides["localmim-sized-teacher"] = [
+            f"target.model={TEACHER_TIMM}",
+            f"target.checkpoint_path={weights}",
+            f"target.model_kwargs={{{kw}}}",
+        ]
+        prep["teacher"] = {
+            "arm": TEACHER_ARM,
+            "seed": args.teacher_seed,
+            "device_minutes": 60 * points["end"]["device_hours"],
+            "steps": points["end"]["step"],
+            "timm_model": TEACHER_TIMM,
+            "model_kwargs": kwargs,
+            "file": str(weights),
+            "run_dir": str(run_dir),
+            "points": points,
+        }
+    return prep
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -462,11 +600,64 @@ def summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_
     }
 
 
+def target_inputs_markdown(prep: dict) -> list[str]:
+    """The ``--targets`` inputs: what making the codebook and the teacher cost (outside the
+    arms' budgets), code usage, and the teacher's own accuracy."""
+    if not prep:
+        return []
+    lines = [
+        "",
+        "## Target inputs (made before the runs, not in their device time)",
+        "",
+    ]
+    if "codebook" in prep:
+        c = prep["codebook"]
+        lines += [
+            f"Codebook: `python -m lmim.codebook` over HOG on {c['images']} training views, "
+            f"{c['codes']} codes per scale, {c['wall_minutes']:.1f} wall-minutes.",
+            "",
+            "| cells | cells fitted | perplexity | dead codes | k-means objective |",
+            "|---|---|---|---|---|",
+        ]
+        for size, u in zip(c["cell_sizes"], c["usage"], strict=True):
+            lines.append(
+                f"| {size:g} px | {u['cells']} | {u['perplexity']:.1f} | {u['dead']} | "
+                f"{u['objective_init']:.4g} -> {u['objective']:.4g} |"
+            )
+        lines.append("")
+    if "teacher" in prep:
+        t = prep["teacher"]
+        kw = ", ".join(f"{k}={v}" for k, v in t["model_kwargs"].items())
+        lines += [
+            f"Teacher: timm `{t['timm_model']}` built with {kw}, weights from `{t['arm']}` "
+            f"pre-trained on these images for {t['device_minutes']:.2f} device-minutes "
+            f"({t['steps']} steps, seed {t['seed']}) and exported by `python -m lmim.export`. "
+            "Its forward runs in every step of the teacher arm and is in that arm's device "
+            "time; its own pre-training is not.",
+            "",
+        ]
+        if t.get("eval"):
+            lines += [
+                "| teacher's own level | " + " | ".join(EVAL_NAMES[k] for k in EVAL_KEYS) + " |",
+                "|---|" + "---|" * len(EVAL_KEYS),
+                f"| {t['arm']}, seed {t['seed']} | "
+                + " | ".join(f"{t['eval'][k]:.1f}" for k in EVAL_KEYS)
+                + " |",
+                "",
+            ]
+    return lines
+
+
 def write_markdown(args, res: dict, path: Path, command: str) -> None:
     pts = [f"{m:g}" for m in res["points"]]
     arms = [a for a in args.arms if res["equal_time"].get(a)]
+    title = (
+        "# LocalMIM's targets for equal device time on Fashion-MNIST (CPU)"
+        if args.targets
+        else "# LocalMIM vs MAE for equal device time on Fashion-MNIST (CPU)"
+    )
     lines = [
-        "# LocalMIM vs MAE for equal device time on Fashion-MNIST (CPU)",
+        title,
         "",
         f"Command: `{command}`",
         "",
@@ -492,6 +683,7 @@ def write_markdown(args, res: dict, path: Path, command: str) -> None:
             f"| {a} | {res['calibration_s_per_step'][a]:.3f} | {steps} | "
             f"{fmt(last['device_minutes'], 2)} |"
         )
+    lines += target_inputs_markdown(res.get("targets") or {})
     for k in EVAL_KEYS:
         lines += ["", f"## Equal time: {EVAL_NAMES[k]}", ""]
         lines += [
@@ -504,16 +696,17 @@ def write_markdown(args, res: dict, path: Path, command: str) -> None:
         raw = res["raw_pixels"]["knn" if k.startswith("knn") else "linear"]
         lines.append(f"| random init (step 0) | {fmt(res['init'][k])} |" + " |" * (len(pts) - 1))
         lines.append(f"| raw pixels | {raw:.1f} |" + " |" * (len(pts) - 1))
-    lines += [
-        "",
-        "## Device-minutes LocalMIM needed to reach each MAE arm's final accuracy",
-        "",
-        "(linear interpolation between evaluated points of the mean curve; – = not within "
-        "the budget)",
-        "",
-        "| comparison | MAE final | LocalMIM device-minutes |",
-        "|---|---|---|",
-    ]
+    if res["crossing"]:
+        lines += [
+            "",
+            "## Device-minutes LocalMIM needed to reach each MAE arm's final accuracy",
+            "",
+            "(linear interpolation between evaluated points of the mean curve; – = not within "
+            "the budget)",
+            "",
+            "| comparison | MAE final | LocalMIM device-minutes |",
+            "|---|---|---|",
+        ]
     for name, c in res["crossing"].items():
         m = "–" if c["minutes"] is None else f"{c['minutes']:.2f}"
         m = "0 (the initialisation)" if c["minutes"] == 0 else m
@@ -581,6 +774,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     p.add_argument(
+        "--targets",
+        nargs="+",
+        default=None,
+        help="instead of --arms: localmim-sized with each of these targets "
+        f"({', '.join(TARGETS)}; space- or comma-separated)",
+    )
+    p.add_argument("--codebook-codes", type=int, default=512, help="codes per scale")
+    p.add_argument("--codebook-images", type=int, default=4096, help="views the codebook sees")
+    p.add_argument(
+        "--teacher-minutes",
+        type=float,
+        default=None,
+        help="device-minutes of the teacher's pre-training (default: --minutes)",
+    )
+    p.add_argument("--teacher-seed", type=int, default=100)
+    p.add_argument(
         "--equal-steps-arms",
         nargs="*",
         default=["mae-sized"],
@@ -645,6 +854,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/budget")
     p.add_argument("override", nargs="*", help="extra lmim.train overrides for every run")
     args = p.parse_args(argv)
+    if args.targets:
+        args.targets = [t for item in args.targets for t in item.split(",") if t]
+        bad = [t for t in args.targets if t not in TARGETS]
+        if bad:
+            p.error(f"--targets: {', '.join(bad)} not among {', '.join(TARGETS)}")
+        args.arms = [f"localmim-sized-{t}" for t in args.targets]
+    if args.teacher_minutes is None:
+        args.teacher_minutes = args.minutes
     if "localmim-sized" not in args.arms:
         args.equal_steps_arms = []
     if args.finetune_seeds is None:
@@ -665,6 +882,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     calib_path = out / "calibration.json"
     calib = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
+    if any(arm not in calib for arm in args.arms):
+        # A first calibration in a fresh process runs ~10% slow (allocator and thread-pool
+        # warm-up), which would shorten the first arm's cosine: one is made and discarded.
+        calibrate(args, args.arms[0] if not args.targets else "localmim-sized")
+    prep = prepare_targets(args, out, calib, calib_path) if args.targets else {}
     for arm in args.arms:
         if arm not in calib:
             calib[arm] = calibrate(args, arm)
@@ -715,6 +937,10 @@ def main(argv: list[str] | None = None) -> dict:
         equal_steps[arm] = {k: stats([r[f"eval/{k}_top1"] for r in rows]) for k in EVAL_KEYS}
     raw = raw_pixel_levels(data)
     log(f"raw pixels: {_fmt_row(raw)}")
+    if "teacher" in prep:  # the teacher's own level, evaluated like the arms
+        teacher = prep["teacher"]
+        rows = evaluate_run(Path(teacher["run_dir"]), teacher.pop("points"), data, cache, True)
+        teacher["eval"] = {k: rows[-1][f"eval/{k}_top1"] for k in EVAL_KEYS}
 
     finetunes: dict = {}
     if args.finetune_epochs > 0:
@@ -744,6 +970,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
 
     res = summarise(args, calib, equal_time, equal_steps, init, raw, finetunes, steps_eq)
+    res["targets"] = prep
     if args.analyze:
         records = [run_analysis(args, out, points_by_run, seed) for seed in args.seeds]
         res["analysis"] = summarise_analysis(records)
