@@ -596,7 +596,8 @@ def test_codebook_refusals_name_the_fix(tmp_path):
 def test_codebook_cli_fits_and_trains(tmp_path):
     """`python -m lmim.codebook` fits per-scale codes on the demo photos (printing usage and the
     k-means objective), and `python -m lmim.train target=codebook target.path=...` trains on
-    them, logging the batch's code usage per scale; the codes travel in the checkpoint."""
+    them, logging the batch's code usage per scale; the codes travel in the checkpoint. The
+    same file trains as `target=tokenizer` with the CodebookTokenizer."""
     from tests.runs import SMALL, cli, load
 
     common = [o for o in SMALL if o.startswith(("model=", "data=", "data.images", "data.img"))]
@@ -635,6 +636,19 @@ def test_codebook_cli_fits_and_trains(tmp_path):
     for r in rows:
         assert 1.0 <= float(r["codebook/perplexity_4px"]) <= 8.0
         assert 0 <= float(r["codebook/unused_32px"]) <= 8
+    # the same file as a tokenizer of one's own (target=tokenizer), as conf/target/tokenizer.yaml
+    # shows: the command line builds it from target.tokenizer._target_
+    tok = cli(
+        *SMALL,
+        "target=tokenizer",
+        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
+        f"+target.tokenizer.path={tmp_path / 'book.pt'}",
+        "trainer.max_steps=2",
+        "hydra.run.dir=tok",
+        cwd=tmp_path,
+    )
+    assert tok.returncode == 0, tok.stderr[-3000:]
+    assert load(tmp_path / "tok" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 # -- target=teacher ------------------------------------------------------------------------------
@@ -712,12 +726,16 @@ def test_teacher_is_frozen_outside_the_optimizer_and_checkpoint(make_cfg, teache
 
 
 def test_teacher_refusals_name_the_fix(teacher_file, tmp_path):
-    """A missing weights file, weights of another model, a layer whose tokens cannot be
-    resampled to a tap's cells: one ConfigError each."""
+    """A missing weights file, weights of another model (missing keys, other shapes), a layer
+    whose tokens cannot be resampled to a tap's cells: one ConfigError each."""
     with pytest.raises(ConfigError, match="is not a file: the teacher's weights must be a local"):
         make_teacher(tmp_path / "none.pth")
     with pytest.raises(ConfigError, match="does not hold the weights of vit_tiny_patch16_224"):
         make_teacher(teacher_file, model_kwargs={"depth": 4})
+    with pytest.raises(
+        ConfigError, match=r"does not hold the weights of vit_tiny_patch16_224 built"
+    ):
+        make_teacher(teacher_file, model_kwargs={"depth": 2, "patch_size": 8})  # other shapes
     with pytest.raises(ConfigError, match="16-px tokens, which cannot be resampled to a tap's 12"):
         make_teacher(teacher_file, cell_sizes=(12,))
 
@@ -766,3 +784,159 @@ def test_teacher_cli_trains(teacher_file, tmp_path):
     ckpt = load(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == 3
     assert not [k for k in ckpt["state_dict"] if "target.teacher" in k or "_teacher" in k]
+
+
+def test_codebook_is_scored_and_drawn_as_its_base_descriptor(tmp_path):
+    """The reconstruction callback's R² and picture see a codebook's cells as code vectors:
+    targets are their codes' vectors, confident logits the predicted code's vector; the picture
+    is the base descriptor's (HOG glyphs)."""
+    from lmim import create_pretrainer
+    from lmim.targets import Codebook
+    from lmim.viz import masked_cell_scores, reconstruction_figure
+
+    path = write_book(tmp_path / "b.pt", cell_sizes=(4, 8, 16, 32))
+    net = create_pretrainer("vit_test", "codebook", overrides=[f"target.path={path}"], img_size=32)
+    assert isinstance(net.target, Codebook)
+    images = torch.randn(2, 3, 32, 32)
+    out = net(images)
+    preds, targets = net.target.comparable(out.preds, out.targets)
+    sure = [50 * torch.nn.functional.one_hot(t, 6).float() for t in out.targets]
+    exact, _ = net.target.comparable(sure, out.targets)
+    for k, codes in enumerate(net.target.codes):
+        assert torch.equal(targets[k], codes[out.targets[k]])
+        assert torch.allclose(exact[k], codes[out.targets[k]], atol=1e-4)
+        assert preds[k].shape == targets[k].shape
+    scores = masked_cell_scores(preds, targets, out.weights)
+    assert all(math.isfinite(s.r2) for s in scores)
+    fig = reconstruction_figure(
+        images, out, net.tap_names, tuple(net.encoder.mask_grid), net.target
+    )
+    assert "HOG cells" in fig.axes[2].get_title()
+
+
+# -- target=tokenizer ----------------------------------------------------------------------------
+
+
+def test_a_codebook_file_as_tokenizer_gives_the_codebook_targets(tmp_path):
+    """target=tokenizer with CodebookTokenizer over a codebook file (one grid per tap) gives
+    exactly target=codebook's indices, widths and loss."""
+    from lmim.targets import Codebook, CodebookTokenizer, Tokenizer
+
+    path = write_book(tmp_path / "b.pt", cell_sizes=(4, 8, 16, 32))
+    book = Codebook([4, 8, 16, 32], path=str(path))
+    tok = Tokenizer([4, 8, 16, 32], CodebookTokenizer(path), img_size=32)
+    assert tok.dims == book.dims == [6] * 4
+    images = torch.randn(3, 3, 32, 32)
+    for a, b in zip(tok(images), book(images), strict=True):
+        assert torch.equal(a, b)
+    # the tokenizer's weights are not the target's: no state beyond its digest
+    assert set(tok.state_dict()) == {"_extra_state"}
+
+
+def grid_tokenizer(codes: int = 5, side: int = 2, out=None):
+    """A tokenizer returning a side x side grid of codes (or ``out(images)`` when given)."""
+
+    def tokenize(images):
+        if out is not None:
+            return out(images)
+        b = images.shape[0]
+        return (torch.arange(side * side) % codes).view(1, side, side).expand(b, -1, -1)
+
+    return tokenize
+
+
+def test_one_tokenizer_grid_serves_its_cells_and_finer_ones():
+    """One (B, 2, 2) grid of 16-px tokens at 32 px: the 16-px tap takes it as it is, the 4- and
+    8-px taps repeat each token's code over its cells; a 32-px tap is refused."""
+    from lmim.targets import Tokenizer
+
+    tok = Tokenizer([4, 8, 16], grid_tokenizer(), codes=5, img_size=32)
+    four, eight, sixteen = tok(torch.zeros(2, 3, 32, 32))
+    codes = torch.tensor([[0, 1], [2, 3]])
+    assert torch.equal(sixteen[0], codes.flatten())
+    assert torch.equal(eight[0], codes.repeat_interleave(2, 0).repeat_interleave(2, 1).flatten())
+    assert torch.equal(four[1], codes.repeat_interleave(4, 0).repeat_interleave(4, 1).flatten())
+    with pytest.raises(ConfigError, match="2x2 grid cannot give a tap's 32-px cells"):
+        Tokenizer([4, 32], grid_tokenizer(), codes=5, img_size=32)
+
+
+def test_tokenizer_refusals_name_the_fix():
+    """A tokenizer returning the wrong shape, floats, codes out of range or too few grids, and
+    a vocabulary size that is not given: one ConfigError each, on one image before training."""
+    from lmim.targets import Tokenizer
+
+    def make(out=None, codes=5, cells=(16,)):
+        return Tokenizer(list(cells), grid_tokenizer(out=out), codes=codes, img_size=32)
+
+    with pytest.raises(ConfigError, match=r"returned \(1, 4\) for 1 images: a tokenizer must"):
+        make(lambda x: torch.zeros(x.shape[0], 4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="returned torch.float32 values"):
+        make(lambda x: torch.zeros(x.shape[0], 2, 2))
+    with pytest.raises(ConfigError, match=r"returned code 7, outside 0..4: target.codes"):
+        make(lambda x: torch.full((x.shape[0], 2, 2), 7))
+    with pytest.raises(ConfigError, match="returned 1 grids for 2 taps"):
+        make(lambda x: [torch.zeros(x.shape[0], 2, 2, dtype=torch.long)], cells=(8, 16))
+    with pytest.raises(ConfigError, match="pass the tokenizer's vocabulary size as target.codes"):
+        make(codes=None)
+    with pytest.raises(ConfigError, match="set target.tokenizer._target_"):
+        Tokenizer([16], None, codes=5)
+
+
+def test_tokenizer_run_from_the_config(make_cfg, tmp_path):
+    """target=tokenizer composed by Hydra, its tokenizer built from target.tokenizer._target_,
+    trains in a real Trainer; the tokenizer is in no optimizer group and not in the checkpoint
+    (its class and digest are)."""
+    from lmim.train import train
+    from tests.runs import SMALL, load
+
+    path = write_book(tmp_path / "b.pt", cell_sizes=(4, 8, 16, 32))
+    cfg = make_cfg(
+        [
+            *SMALL,
+            "target=tokenizer",
+            "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
+            f"+target.tokenizer.path={path}",
+            "trainer.max_steps=2",
+        ]
+    )
+    result = train(cfg)
+    assert math.isfinite(result["metrics"]["train/loss"])
+    state = load(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]
+    assert not [k for k in state if k.startswith("net.target.") and "_extra_state" not in k]
+    extra = state["net.target._extra_state"]
+    assert extra["tokenizer"] == "lmim.targets.tokenizer.CodebookTokenizer"
+    assert len(extra["tokenizer_sha256"]) == 64
+
+
+# -- Swin (pyramidal) with the new targets -------------------------------------------------------
+
+
+def test_codebook_and_teacher_train_a_swin(tmp_path):
+    """target=codebook and target=teacher on the tiny Swin at 64 px (cells 8, 16, 32, 32): the
+    right widths, a finite loss, gradients in the encoder and none in the teacher."""
+    import timm
+
+    from lmim import create_pretrainer
+
+    book = write_book(tmp_path / "b.pt", cell_sizes=(8, 16, 32, 32))
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=64, depth=1)
+    torch.save(vit.state_dict(), tmp_path / "t.pth")
+    teacher = [
+        "target.model=vit_tiny_patch16_224",
+        f"target.checkpoint_path={tmp_path / 't.pth'}",
+        "target.model_kwargs={depth: 1}",
+    ]
+    images = torch.randn(2, 3, 64, 64)
+    for target, overrides, dims in (
+        ("codebook", [f"target.path={book}"], [6] * 4),
+        ("teacher", teacher, [192] * 4),
+    ):
+        net = create_pretrainer("swin_test", target, overrides=overrides, img_size=64)
+        assert net.cell_sizes == [8, 16, 32, 32] and net.target.dims == dims
+        out = net(images)
+        assert math.isfinite(float(out.loss))
+        out.loss.backward()
+        assert net.encoder.patch_embed.proj.weight.grad is not None
+        if target == "teacher":
+            assert all(p.grad is None for p in net.target.teacher.parameters())

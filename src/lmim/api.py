@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,7 +41,12 @@ def _set(cfg: DictConfig, key: str, value: Any) -> None:
     for section in _SECTIONS:
         node = OmegaConf.select(cfg, section)
         if isinstance(node, DictConfig) and key in node:
-            OmegaConf.update(cfg, f"{section}.{key}", value, merge=False)
+            # A value that refers to another (model.encoder.img_size: ${data.img_size}) is set
+            # at its source, so every other reference (a target's img_size) follows it.
+            raw = OmegaConf.to_container(node, resolve=False)[key]
+            ref = re.fullmatch(r"\$\{([\w.]+)\}", raw) if isinstance(raw, str) else None
+            path = ref.group(1) if ref else f"{section}.{key}"
+            OmegaConf.update(cfg, path, value, merge=False)
             return
     known = sorted(
         {k for s in _SECTIONS for k in (OmegaConf.select(cfg, s) or {}) if not k.startswith("_")}
@@ -61,8 +67,9 @@ def create_pretrainer(
     Args:
         model: a config of ``conf/model`` (vit_tiny, vit_s, vit_b, vit_l, vit_h, vit_test,
             swin_t, swin_b, swin_b_w14, swin_l, swin_test).
-        target: a config of ``conf/target`` (hog, hog18, pixel); None = the method's and
-            model's (LocalMIM: hog for ViTs, hog18 for Swin; MAE: pixel).
+        target: a config of ``conf/target`` (hog, hog18, pixel, codebook, teacher, tokenizer;
+            the last three need their files, e.g. ``overrides=["target.path=book.pt"]``);
+            None = the method's and model's (LocalMIM: hog for ViTs, hog18 for Swin; MAE: pixel).
         schedule: a config of ``conf/schedule`` (localmim, isolated, top_only, single_scale);
             None = the method's (LocalMIM: localmim, MAE: top_only).
         overrides: Hydra override strings, e.g. ``["model.decoder_dim=128"]``.

@@ -125,7 +125,7 @@ class ReconstructionFigure(L.Callback):
             return None
         images, out = result
         net = pl_module.net
-        scores = masked_cell_scores(out.preds, out.targets, out.weights)
+        scores = masked_cell_scores(*net.target.comparable(out.preds, out.targets), out.weights)
         self.last_scores = dict(zip(net.tap_names, scores, strict=True))
         n = min(self.num_images, images.shape[0])
         dm = trainer.datamodule

@@ -29,6 +29,7 @@ class Target(nn.Module):
     - :attr:`dims`: each output's width, which sizes the decoder's head;
     - :meth:`loss`: the loss on masked cells (default: masked MSE);
     - :meth:`step_metrics`: what training logs about the targets (default: nothing);
+    - :meth:`comparable`: predictions and targets in one space, for the masked-cell R²;
     - :attr:`precision`: ``"float32"`` (default) runs :meth:`compute` in float32 with autocast
       off, whatever the run's precision; ``"run"`` leaves it under the run's autocast (e.g. a
       teacher network in bf16);
@@ -72,6 +73,14 @@ class Target(nn.Module):
         from lmim.losses import masked_mse
 
         return masked_mse(pred, target, weight)
+
+    def comparable(
+        self, preds: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per tap, predictions and targets as (B, N_k, D) vectors of one space, which the
+        masked-cell R² of the reconstruction callback compares; by default they are already
+        (a codebook maps logits and indices to code vectors)."""
+        return preds, targets
 
     def step_metrics(self, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Metrics of a batch's targets that training logs on logging steps (e.g. a codebook's

@@ -80,7 +80,41 @@ def load_codebook(path: str | Path) -> dict[str, Any]:
     return book
 
 
-class Codebook(Target):
+class CodeTarget(Target):
+    """A target whose per-cell outputs are code indices (B, N_k) over ``dims[k]`` codes: the
+    decoder predicts logits, scored by cross-entropy on masked cells; code usage is logged.
+    :class:`Codebook` and :class:`lmim.targets.Tokenizer` are ones."""
+
+    def comparable(
+        self, preds: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Code probabilities (softmax of the logits) and one-hot targets."""
+        probs = [p.float().softmax(-1) for p in preds]
+        hot = [F.one_hot(t, k).float() for t, k in zip(targets, self.dims, strict=True)]
+        return probs, hot
+
+    def step_metrics(self, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Code usage in the batch, per scale: ``codebook/perplexity_<cell>px`` (the number of
+        codes when all are used alike) and ``codebook/unused_<cell>px`` (codes no cell took)."""
+        out = {}
+        for cell, idx, k in zip(self.cell_sizes, targets, self.dims, strict=True):
+            counts = torch.bincount(idx.flatten(), minlength=k).float()
+            p = counts / counts.sum().clamp_min(1)
+            entropy = -(p * p.clamp_min(1e-12).log()).sum()
+            out[f"codebook/perplexity_{cell:g}px"] = entropy.exp()
+            out[f"codebook/unused_{cell:g}px"] = (counts == 0).sum().float()
+        return out
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the logits ``pred`` (B, N, K) against code indices ``target`` (B, N),
+        weighted per cell like the MSE of the other targets."""
+        ce = F.cross_entropy(
+            pred.float().flatten(0, 1), target.flatten(), reduction="none"
+        ).view_as(weight)
+        return (ce * weight).sum() / weight.sum().clamp_min(1e-12)
+
+
+class Codebook(CodeTarget):
     """Nearest-code indices of a base descriptor, per tap's cell size.
 
     Args:
@@ -136,22 +170,22 @@ class Codebook(Target):
         feats = self.base.compute(images)
         return [assign(f, c) for f, c in zip(feats, self.codes, strict=True)]
 
-    def step_metrics(self, targets: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Code usage in the batch, per scale: ``codebook/perplexity_<cell>px`` (the number of
-        codes when all are used alike) and ``codebook/unused_<cell>px`` (codes no cell took)."""
-        out = {}
-        for cell, idx, k in zip(self.cell_sizes, targets, self.dims, strict=True):
-            counts = torch.bincount(idx.flatten(), minlength=k).float()
-            p = counts / counts.sum().clamp_min(1)
-            entropy = -(p * p.clamp_min(1e-12).log()).sum()
-            out[f"codebook/perplexity_{cell:g}px"] = entropy.exp()
-            out[f"codebook/unused_{cell:g}px"] = (counts == 0).sum().float()
-        return out
+    def comparable(
+        self, preds: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Predicted and target cells as base descriptors: the expected code under the
+        predicted distribution, and the target's code."""
+        probs = [p.float().softmax(-1) for p in preds]
+        pred = [q @ c for q, c in zip(probs, self.codes, strict=True)]
+        return pred, [c[t] for t, c in zip(targets, self.codes, strict=True)]
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the logits ``pred`` (B, N, K) against code indices ``target`` (B, N),
-        weighted per cell like the MSE of the other targets."""
-        ce = F.cross_entropy(
-            pred.float().flatten(0, 1), target.flatten(), reduction="none"
-        ).view_as(weight)
-        return (ce * weight).sum() / weight.sum().clamp_min(1e-12)
+    def figure(self, images, out, tap_names, patch_grid, mean, std, title, scores, zoom):
+        """The base descriptor's picture, of the target codes and the expected predicted ones."""
+        import dataclasses
+
+        preds, targets = self.comparable(out.preds, out.targets)
+        decoded = dataclasses.replace(out, preds=preds, targets=targets)
+        title = f"{title}\n(codes drawn as their {self.base_name} vectors)" if title else title
+        return self.base.figure(
+            images, decoded, tap_names, patch_grid, mean, std, title, scores, zoom
+        )

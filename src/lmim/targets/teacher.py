@@ -117,7 +117,15 @@ class Teacher(Target):
             raise ConfigError(f"target.model={name}: timm cannot build it ({err})") from err
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("state_dict", state.get("model", state))
-        missing, unexpected = teacher.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = teacher.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes differ (another width, patch or image size)
+            first = str(err).split("\n\t")[1] if "\n\t" in str(err) else str(err)
+            raise ConfigError(
+                f"target.checkpoint_path={path} does not hold the weights of {name} built with "
+                f"{kwargs} ({first.strip()}); check target.model, target.model_kwargs and "
+                "data.img_size"
+            ) from err
         missing = [k for k in missing if not k.startswith("head")]
         if missing:
             raise ConfigError(
