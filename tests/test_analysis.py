@@ -363,8 +363,8 @@ def test_analyze_refuses_a_cnn_an_empty_folder_and_a_wrong_size(tmp_path):
     cases = {
         "cnn": (
             ["exports=[cnn.pth]", "timm_model=resnet18"],
-            "lmim: error: cnn.pth: lmim.analyze reads ViT and Swin encoders, not ResNet: it has "
-            "no attention layers to analyse",
+            "lmim: error: cnn.pth: lmim.analyze reads lmim encoders and timm ViT and Swin "
+            "models, not ResNet: it has no attention layers to analyse",
         ),
         "empty": (
             ["init_model=vit_test", "data=imagefolder", f"data.root={tmp_path}/empty"],

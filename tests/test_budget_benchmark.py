@@ -338,3 +338,69 @@ def test_ablation_arms_build_the_schedules_they_name(make_cfg):
     assert built["localmim-single-scale"] == (4, [1, 1, 1, 1], False)
     assert built["localmim-top-only"] == (1, [1], False)
     assert built["localmim-isolated"] == (4, [4, 2, 1, 0.5], True)
+
+
+def test_target_arms_are_localmim_sized_with_each_target(make_cfg, tmp_path):
+    """--targets hog,pixel codebook teacher (commas or spaces): localmim-sized with each target;
+    the codebook and teacher arms read the files prepare_targets made, and the teacher's model
+    arguments are the exported encoder's architecture."""
+    import timm
+
+    from lmim.targets import HOG, Codebook, NormalizedPixels, Teacher
+    from tests.test_targets import write_book
+
+    bench = load_bench()
+    args = bench.parse(["--targets", "hog,pixel", "codebook", "teacher", "--minutes", "2"])
+    assert args.arms == [f"localmim-sized-{t}" for t in ("hog", "pixel", "codebook", "teacher")]
+    assert args.teacher_minutes == 2 and args.equal_steps_arms == []
+    with pytest.raises(SystemExit):
+        bench.parse(["--targets", "hog,clip"])
+    # the files of prepare_targets: the budget model's 2/4/8/16-px cells; its ViT as teacher
+    book = write_book(tmp_path / "codebook.pt", cell_sizes=(2, 4, 8, 16))
+    vit = timm.create_model(bench.TEACHER_TIMM, num_classes=0, img_size=64, patch_size=8, depth=8)
+    torch.save(vit.state_dict(), tmp_path / "teacher.pth")
+    args.override = []
+    args.target_overrides = {
+        "localmim-sized-codebook": [f"target.path={book}", "target.base=hog"],
+        "localmim-sized-teacher": [
+            f"target.model={bench.TEACHER_TIMM}",
+            f"target.checkpoint_path={tmp_path / 'teacher.pth'}",
+            "target.model_kwargs={patch_size:8,depth:8,qkv_bias:true}",
+        ],
+    }
+    kinds = {}
+    for arm in args.arms:
+        cfg = make_cfg(bench.experiment_overrides(args, arm))
+        net = instantiate(cfg.model)
+        assert cfg.model.decoder_dim == 64 and net.cell_sizes == [2, 4, 8, 16], arm
+        kinds[arm] = type(net.target)
+    assert list(kinds.values()) == [HOG, NormalizedPixels, Codebook, Teacher]
+    assert "target.codes=512" in bench.codebook_overrides(args)
+
+
+@pytest.mark.slow
+def test_target_study_end_to_end(tmp_path):
+    """--targets at toy size: the codebook is fitted and the teacher pre-trained and exported
+    first (reported with their cost and the teacher's accuracy), then each target arm trains
+    for the budget and is evaluated; results.md names the study."""
+    bench = load_bench()
+    out = tmp_path / "targets"
+    argv = [
+        "--minutes", "0.05", "--seeds", "0", "--targets", "hog,pixel,codebook,teacher",
+        "--img-size", "32", "--batch", "16", "--calibration-steps", "1",
+        "--eval-train", "100", "--eval-test", "100", "--no-eval-bf16", "--eval-points", "last",
+        "--finetune-epochs", "0", "--codebook-codes", "16", "--codebook-images", "64",
+        "--margin", "10", "--out", str(out),
+        "model.encoder.embed_dim=96", "model.encoder.patch_size=4", "data.num_workers=0",
+        "trainer.log_every_n_steps=1",
+    ]  # fmt: skip
+    res = bench.main(argv)
+    assert set(res["equal_time"]) == {f"localmim-sized-{t}" for t in bench.TARGETS}
+    prep = res["targets"]
+    assert prep["codebook"]["codes"] == 16 and len(prep["codebook"]["usage"]) == 4
+    teacher = prep["teacher"]
+    assert teacher["model_kwargs"]["patch_size"] == 4 and teacher["model_kwargs"]["embed_dim"] == 96
+    assert set(teacher["eval"]) == set(bench.EVAL_KEYS) and teacher["device_minutes"] > 0
+    text = (out / "results.md").read_text()
+    assert text.startswith("# LocalMIM's targets for equal device time")
+    assert "## Target inputs" in text and "teacher's own level" in text

@@ -224,10 +224,10 @@ def attention_layouts(model: nn.Module) -> list[AttentionLayout]:
         ValueError: lmim's ``MaskedSwin`` (analyse its timm export), a model without a patch
             grid, or a Swin stage its windows do not tile.
     """
-    if type(model).__name__ == "MaskedSwin":
+    if getattr(model, "records_attention", True) is False:
         raise ValueError(
-            "MaskedSwin computes windowed attention in fused kernels: analyse the timm Swin its "
-            "weights load into (lmim.export.timm_model + encoder_state_dict)"
+            f"{type(model).__name__} computes its attention in fused kernels: analyse the timm "
+            "model its weights load into (lmim.export.timm_model + encoder_state_dict)"
         )
     modules = attention_modules(model)
     blocks = {

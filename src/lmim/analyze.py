@@ -76,21 +76,21 @@ def load_export(path: str, timm_model: str | None, img_size: int) -> torch.nn.Mo
 
 
 def analysable(net: torch.nn.Module) -> torch.nn.Module:
-    """The encoder of a pre-training model as :mod:`lmim.analysis` reads it: a ``MaskedViT``
-    as it is (timm blocks), a ``MaskedSwin`` as the timm ``SwinTransformer`` its weights export
-    to (its masked forward computes windowed attention in fused kernels, with no attention
-    matrix to record; the export holds the same weights, loaded strictly, and the encoder's
-    LayerNorm epsilon, so that it computes the same function)."""
+    """The encoder of a pre-training model as :mod:`lmim.analysis` reads it: as it is when its
+    attention can be recorded (``MaskedViT``: timm blocks), else (``records_attention = False``:
+    ``MaskedSwin``, whose masked forward computes windowed attention in fused kernels) the timm
+    model its weights export to, loaded strictly, with the encoder's LayerNorm epsilon
+    (``norm_eps``), so that it computes the same function."""
     from functools import partial
 
     from lmim.export import encoder_state_dict, timm_model
-    from lmim.models.swin import MaskedSwin
 
     enc = net.encoder
-    if isinstance(enc, MaskedSwin):
-        swin = timm_model(enc, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
-        swin.load_state_dict(encoder_state_dict(net), strict=True)
-        return swin.eval()
+    if not getattr(enc, "records_attention", True):
+        eps = getattr(enc, "norm_eps", 1e-6)
+        model = timm_model(enc, norm_layer=partial(torch.nn.LayerNorm, eps=eps))
+        model.load_state_dict(encoder_state_dict(net), strict=True)
+        return model.eval()
     return enc
 
 
@@ -108,7 +108,7 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
 
     from lmim import create_pretrainer
     from lmim.linprobe import load_pretrainer_at
-    from lmim.models.vit import MaskedViT
+    from lmim.models.protocol import MaskedEncoder
 
     size = int(cfg.data.img_size)
     found: dict[str, torch.nn.Module] = {}
@@ -133,10 +133,10 @@ def encoders(cfg: DictConfig) -> dict[str, torch.nn.Module]:
     from lmim.analysis import attention_layouts
 
     for label, enc in found.items():
-        if not isinstance(enc, MaskedViT | VisionTransformer | SwinTransformer):
+        if not isinstance(enc, MaskedEncoder | VisionTransformer | SwinTransformer):
             raise ConfigError(
-                f"{label}: lmim.analyze reads ViT and Swin encoders, not {type(enc).__name__}: "
-                "it has no attention layers to analyse"
+                f"{label}: lmim.analyze reads lmim encoders and timm ViT and Swin models, not "
+                f"{type(enc).__name__}: it has no attention layers to analyse"
             )
         try:
             attention_layouts(enc)

@@ -41,8 +41,8 @@ def extract_layer_features(
     """
     if pool not in ("avg", "cls"):
         raise ValueError(f"pool must be 'avg' or 'cls', got {pool!r}")
-    has_cls = hasattr(encoder, "cls_token")
-    if pool == "cls" and not has_cls:
+    prefix = int(encoder.num_prefix_tokens)
+    if pool == "cls" and not prefix:
         raise ValueError("pool='cls' needs an encoder with a cls token (a ViT)")
     taps = [layer % encoder.depth for layer in layers]
     device = device or next(encoder.parameters()).device
@@ -57,7 +57,7 @@ def extract_layer_features(
         by_layer = dict(zip(sorted(set(taps)), outs, strict=True))
         for i, tap in enumerate(taps):
             x = by_layer[tap]
-            pooled = x[:, 0] if pool == "cls" else (x[:, 1:] if has_cls else x).mean(dim=1)
+            pooled = x[:, 0] if pool == "cls" else x[:, prefix:].mean(dim=1)
             feats[i].append(pooled.float().cpu())
         labels.append(torch.as_tensor(y).long().cpu())
     encoder.train(was_training)

@@ -50,35 +50,18 @@ def encoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def timm_architecture(encoder: nn.Module) -> tuple[type[nn.Module], dict[str, Any]]:
-    """The timm class and keyword arguments that build a model of the encoder's architecture.
+    """The timm class and keyword arguments that build a model of the encoder's architecture:
+    the encoder's own :meth:`~lmim.models.MaskedEncoder.timm_architecture`.
 
     Args:
-        encoder: a :class:`lmim.models.MaskedViT` or ``MaskedSwin``.
+        encoder: a :class:`lmim.models.MaskedViT`, ``MaskedSwin`` or any other
+            :class:`~lmim.models.MaskedEncoder`.
 
     Returns:
-        ``(VisionTransformer | SwinTransformer, kwargs)``, e.g. ``img_size``, ``patch_size``,
-        ``embed_dim``, ``depth`` (Swin: ``depths``, ``window_size``), ``num_heads``,
-        ``mlp_ratio``, ``qkv_bias``.
+        e.g. ``(VisionTransformer, {"img_size", "patch_size", "embed_dim", "depth", ...})`` or
+        ``(SwinTransformer, {..., "depths", "window_size", ...})``.
     """
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
-    common: dict[str, Any] = dict(
-        img_size=int(encoder.img_size),
-        patch_size=int(encoder.patch_size),
-        in_chans=int(getattr(encoder, "in_chans", 3)),
-        embed_dim=int(encoder.embed_dim),
-    )
-    tail = dict(mlp_ratio=float(encoder.mlp_ratio), qkv_bias=bool(encoder.qkv_bias))
-    if hasattr(encoder, "depths"):  # pyramid
-        stages = dict(
-            depths=tuple(int(d) for d in encoder.depths),
-            num_heads=tuple(int(h) for h in encoder.num_heads),
-            window_size=int(encoder.window_size),
-        )
-        return SwinTransformer, {**common, **stages, **tail}
-    columns = dict(depth=int(encoder.depth), num_heads=int(encoder.num_heads))
-    return VisionTransformer, {**common, **columns, **tail}
+    return encoder.timm_architecture()
 
 
 def _signature(model: nn.Module) -> dict[str, Any]:

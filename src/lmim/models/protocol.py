@@ -2,10 +2,11 @@
 
 :class:`lmim.models.LocalMIM` (taps, cell sizes, decoders), evaluation (frozen features of a
 layer), the linear probe and fine-tuning (the image size), the FLOP accounting (the forward) and
-the exporter (``timm_name``) read these members and nothing else that is common to encoder
-families; :class:`lmim.models.MaskedViT` and :class:`lmim.models.MaskedSwin` provide them. The
-exporter and fine-tuning still read family-specific widths (``embed_dim``, ``depths``,
-``num_heads``...) to build the matching timm model.
+the exporter, fine-tuning and analysis (``timm_name``, ``timm_architecture``: the timm model
+the weights load into) read these members and nothing else; :class:`lmim.models.MaskedViT` and
+:class:`lmim.models.MaskedSwin` provide them. A new encoder family is one module defining them,
+plus a ``conf/model`` base file (and its block class in ``conf/trainer/fsdp.yaml``'s ``wrap``
+to shard it).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class MaskedEncoder(Protocol):
         depth: number of tappable layers (blocks or stages); taps are indices into them.
         feature_info: per tappable layer, ``{"name", "num_chs", "reduction"}`` (timm's format).
         paper_taps, paper_scales: the paper's schedule for this family (``schedule=localmim``).
+        num_prefix_tokens: leading non-patch tokens of each tap's output (ViT: the cls token;
+            Swin: 0); evaluation's average pooling skips them, ``pool="cls"`` needs one.
         timm_name: the timm model these weights export to, or None.
     """
 
@@ -40,6 +43,7 @@ class MaskedEncoder(Protocol):
     feature_info: list[dict[str, Any]]
     paper_taps: tuple
     paper_scales: tuple
+    num_prefix_tokens: int
     timm_name: str | None
 
     def forward(
@@ -57,6 +61,11 @@ class MaskedEncoder(Protocol):
         """Parameter names excluded from weight decay (position embeddings, tokens)."""
         ...
 
+    def timm_architecture(self) -> tuple[type[torch.nn.Module], dict[str, Any]]:
+        """The timm class and keyword arguments whose model loads this encoder's weights with
+        ``strict=True`` (given :func:`lmim.export.encoder_state_dict` naming)."""
+        ...
+
 
 MEMBERS = (
     "img_size",
@@ -67,9 +76,11 @@ MEMBERS = (
     "feature_info",
     "paper_taps",
     "paper_scales",
+    "num_prefix_tokens",
     "timm_name",
     "forward",
     "no_weight_decay",
+    "timm_architecture",
 )
 
 

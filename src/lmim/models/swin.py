@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -253,6 +254,12 @@ class MaskedSwin(nn.Module):
         timm_name: the timm model name these weights load into, when there is one.
     """
 
+    # Its masked forward computes windowed attention in fused kernels, with no attention matrix
+    # to record: lmim.analyze reads the timm export (same weights, this LayerNorm epsilon).
+    records_attention = False
+    norm_eps = 1e-6
+    num_prefix_tokens = 0
+
     def __init__(
         self,
         img_size: int = 224,
@@ -304,7 +311,7 @@ class MaskedSwin(nn.Module):
             mlp_ratio=mlp_ratio,
             qkv_bias=qkv_bias,
             drop_path_rate=drop_path_rate,
-            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+            norm_layer=partial(nn.LayerNorm, eps=self.norm_eps),
         )
         self.patch_embed = swin.patch_embed
         self.layers = swin.layers
@@ -338,6 +345,21 @@ class MaskedSwin(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+
+    def timm_architecture(self) -> tuple[type[nn.Module], dict[str, Any]]:
+        """timm's ``SwinTransformer`` and the keyword arguments that build this architecture
+        (what export, fine-tuning and analysis load these weights into)."""
+        return SwinTransformer, dict(
+            img_size=int(self.img_size),
+            patch_size=int(self.patch_size),
+            in_chans=int(self.in_chans),
+            embed_dim=int(self.embed_dim),
+            depths=tuple(int(d) for d in self.depths),
+            num_heads=tuple(int(h) for h in self.num_heads),
+            window_size=int(self.window_size),
+            mlp_ratio=float(self.mlp_ratio),
+            qkv_bias=bool(self.qkv_bias),
+        )
 
     def _blocks(
         self, blocks: nn.Sequential, x: torch.Tensor, coords: torch.Tensor, side: int

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 import torch
 from timm.layers import PatchEmbed
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from lmim.errors import ConfigError
@@ -84,6 +85,7 @@ class MaskedViT(nn.Module):
         self.mlp_ratio = mlp_ratio
         self.qkv_bias = qkv_bias
         self.timm_name = timm_name
+        self.num_prefix_tokens = 1  # the cls token leads every tap's output
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
@@ -123,6 +125,20 @@ class MaskedViT(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}
+
+    def timm_architecture(self) -> tuple[type[nn.Module], dict[str, Any]]:
+        """timm's ``VisionTransformer`` and the keyword arguments that build this architecture
+        (what export, fine-tuning and analysis load these weights into)."""
+        return VisionTransformer, dict(
+            img_size=int(self.img_size),
+            patch_size=int(self.patch_size),
+            in_chans=int(self.in_chans),
+            embed_dim=int(self.embed_dim),
+            depth=int(self.depth),
+            num_heads=int(self.num_heads),
+            mlp_ratio=float(self.mlp_ratio),
+            qkv_bias=bool(self.qkv_bias),
+        )
 
     def forward(
         self,
