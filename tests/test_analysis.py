@@ -490,7 +490,10 @@ def test_a_swin_pretrainer_is_analysed_as_its_timm_export():
 
     torch.manual_seed(0)
     net = create_pretrainer("swin_test", img_size=64)
-    with pytest.raises(ValueError, match="analyse the timm Swin its weights load into"):
+    with pytest.raises(
+        ValueError,
+        match="MaskedSwin computes its attention in fused kernels: analyse the timm model",
+    ):
         attention_layouts(net.encoder)
     swin = analysable(net)
     x = torch.randn(2, 3, 64, 64)
