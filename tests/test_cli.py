@@ -30,7 +30,7 @@ TYPOS = {
         "lmim.train",
         ["target=hogg"],
         "lmim: error: target=hogg is not an option of the 'target' group: did you mean "
-        "target=hog? (options: codebook, hog, hog18, pixel, teacher)",
+        "target=hog? (options: codebook, hog, hog18, pixel, teacher, tokenizer)",
     ),
     "linprobe-key": (
         "lmim.linprobe",
