@@ -97,8 +97,7 @@ DEFAULT_ARMS = ["localmim-released", "localmim-sized", "mae-released", "mae-size
 # --targets: localmim-sized with each target; codebook and teacher get their files' overrides
 # from prepare_targets.
 TARGETS = ("hog", "pixel", "codebook", "teacher")
-for _t in TARGETS:
-    ARMS[f"localmim-sized-{_t}"] = [*SIZED, f"target={_t}"]
+TARGET_ARMS = {f"localmim-sized-{t}": [*SIZED, f"target={t}"] for t in TARGETS}
 TEACHER_ARM = "mae-sized"
 # The timm model the teacher is built as (its architecture comes from the exported encoder).
 TEACHER_TIMM = "vit_tiny_patch16_224"
@@ -121,7 +120,8 @@ def log(msg: str) -> None:
 
 def experiment_overrides(args: argparse.Namespace, arm: str) -> list[str]:
     prepared = getattr(args, "target_overrides", {}).get(arm, [])
-    return ["experiment=fmnist_budget", *ARMS[arm], *prepared, *args.override]
+    arm_overrides = TARGET_ARMS[arm] if arm in TARGET_ARMS else ARMS[arm]
+    return ["experiment=fmnist_budget", *arm_overrides, *prepared, *args.override]
 
 
 def calibrate(args: argparse.Namespace, arm: str) -> float:
