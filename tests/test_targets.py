@@ -730,6 +730,10 @@ def test_teacher_refusals_name_the_fix(teacher_file, tmp_path):
     whose tokens cannot be resampled to a tap's cells: one ConfigError each."""
     with pytest.raises(ConfigError, match="is not a file: the teacher's weights must be a local"):
         make_teacher(tmp_path / "none.pth")
+    from lmim.targets import Teacher
+
+    with pytest.raises(ConfigError, match="target.checkpoint_path is not set: pass target.check"):
+        Teacher([16], model="vit_tiny_patch16_224", checkpoint_path="???", img_size=32)
     with pytest.raises(ConfigError, match="does not hold the weights of vit_tiny_patch16_224"):
         make_teacher(teacher_file, model_kwargs={"depth": 4})
     with pytest.raises(
@@ -880,6 +884,24 @@ def test_tokenizer_refusals_name_the_fix():
         make(codes=None)
     with pytest.raises(ConfigError, match="set target.tokenizer._target_"):
         Tokenizer([16], None, codes=5)
+
+
+def test_tokenizer_config_refusals_name_the_setting(make_cfg, tmp_path):
+    """target=tokenizer without its _target_, or a CodebookTokenizer without its file: one
+    ConfigError naming the command-line setting."""
+    from lmim.train import build
+    from tests.runs import SMALL
+
+    with pytest.raises(ConfigError, match=r"^target.tokenizer._target_ is not set: pass target"):
+        build(make_cfg([*SMALL, "target=tokenizer"]))
+    missing = [
+        *SMALL,
+        "target=tokenizer",
+        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
+        f"+target.tokenizer.path={tmp_path / 'none.pt'}",
+    ]
+    with pytest.raises(ConfigError, match=r"^target.tokenizer.path=\S+none.pt does not exist"):
+        build(make_cfg(missing))
 
 
 def test_tokenizer_run_from_the_config(make_cfg, tmp_path):

@@ -124,19 +124,37 @@ def instantiate_checked(node: DictConfig, **kwargs: Any) -> Any:
     A key the class does not take (``+data.batchsize=4`` adds one) becomes a ConfigError that
     names it and the closest setting the node has (``data.batch_size``).
     """
+    from omegaconf.errors import MissingMandatoryValue
+
     try:
         return instantiate(node, **kwargs)
+    except MissingMandatoryValue as err:
+        raise _unset(err) from None
     except InstantiationException as err:
         cause: BaseException | None = err
         while cause is not None:
             if isinstance(cause, ConfigError):
                 raise cause from None
+            if isinstance(cause, MissingMandatoryValue):
+                raise _unset(cause) from None
             if isinstance(cause, TypeError):
                 unknown = _unknown_setting(node, err, cause)
                 if unknown is not None:
                     raise unknown from None
             cause = cause.__cause__
         raise
+
+
+def _unset(err: Exception) -> ConfigError:
+    """A ``???`` value the run needs, named as the command line sets it (``model.target`` is
+    the ``target`` group)."""
+    key = str(getattr(err, "full_key", "") or "")
+    if key.startswith("model.target."):
+        key = key[len("model.") :]
+    if not key:
+        return ConfigError(f"a required setting is not set ({err})")
+    value = "<the dotted name of your function or class>" if key.endswith("_target_") else "<value>"
+    return ConfigError(f"{key} is not set: pass {key}={value}")
 
 
 def _unknown_setting(node: DictConfig, err: Exception, cause: TypeError) -> ConfigError | None:

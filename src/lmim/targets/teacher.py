@@ -84,8 +84,14 @@ class Teacher(Target):
             raise ConfigError(
                 "target.model is not set: a timm model name, e.g. vit_small_patch16_224"
             )
-        path = Path(str(checkpoint_path)).expanduser() if checkpoint_path else None
-        if path is None or not path.is_file():
+        if checkpoint_path in (None, "", "???"):
+            raise ConfigError(
+                "target.checkpoint_path is not set: pass target.checkpoint_path=<the teacher's "
+                "local weights file> (a timm state dict, or `python -m lmim.export` of an lmim "
+                "checkpoint); nothing is downloaded"
+            )
+        path = Path(str(checkpoint_path)).expanduser()
+        if not path.is_file():
             raise ConfigError(
                 f"target.checkpoint_path={checkpoint_path} is not a file: the teacher's weights "
                 "must be a local file (a timm state dict, or `python -m lmim.export` of an lmim "

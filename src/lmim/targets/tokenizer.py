@@ -168,7 +168,10 @@ class CodebookTokenizer(nn.Module):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__()
-        book = load_codebook(path)
+        try:
+            book = load_codebook(path)
+        except ConfigError as err:  # named as this tokenizer's setting
+            raise ConfigError(str(err).replace("target.path", "target.tokenizer.path")) from None
         self.cell_sizes = [float(c) for c in book["cell_sizes"]]
         self.base = make_base(book["base"], self.cell_sizes)
         self.base.load_state_dict(book["base_state"])
