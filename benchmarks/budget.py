@@ -66,6 +66,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from lmim.api import compose_config
@@ -73,7 +74,7 @@ from lmim.data.fashion_mnist import find_root
 from lmim.evaluation import extract_layer_features, knn_accuracy, linear_probe_accuracy
 from lmim.export import load_pretrainer
 from lmim.report import EVALS_FILE, read_evals
-from lmim.utils import instantiate_checked
+from lmim.utils import instantiate_checked, weights_digest
 
 SIZED = ["method=localmim", "model.decoder_dim=64", "model.decoder_heads=2"]
 ARMS: dict[str, list[str]] = {
@@ -186,19 +187,28 @@ def train_overrides(args, arm: str, seed: int, steps: int, minutes: list[float],
 
 
 def _hydra_value(v) -> str:
-    return str(v).lower() if isinstance(v, bool) else repr(v)
+    """A Python value as a Hydra override value (null, true, 4.0, "name", [2, 2])."""
+    return json.dumps(list(v) if isinstance(v, tuple) else v)
+
+
+# The groups experiment=fmnist_budget picks, for entry points without an experiment group.
+EXPERIMENT_GROUPS = ["data=fashion_mnist", "model=vit_tiny"]
 
 
 def codebook_overrides(args: argparse.Namespace) -> list[str]:
     """``python -m lmim.codebook`` overrides giving the budget model's taps and images: the
-    experiment's model settings and the run's data and model overrides."""
+    experiment's groups, its encoder settings (read from the composed run config) and the
+    run's own data and model overrides."""
+    encoder = compose_config(experiment_overrides(args, "localmim-sized-hog")).model.encoder
+    settings = [
+        f"model.encoder.{k}={_hydra_value(v)}"
+        for k, v in OmegaConf.to_container(encoder, resolve=True).items()
+        if not k.startswith("_") and k != "img_size"
+    ]
     own = [o for o in args.override if o.split("=", 1)[0].split(".")[0] in ("data", "model")]
     return [
-        "data=fashion_mnist",
-        "model=vit_tiny",
-        "model.encoder.patch_size=8",
-        "model.encoder.depth=8",
-        "model.encoder.timm_name=null",
+        *EXPERIMENT_GROUPS,
+        *settings,
         "target.base=hog",
         f"target.codes={args.codebook_codes}",
         f"images={args.codebook_images}",
@@ -374,7 +384,7 @@ def evaluate_run(
         todo = [todo[0], todo[-1]] if len(todo) > 1 else todo
     for name, p in todo:
         net = load_pretrainer(p["path"])
-        digest = _digest(net.encoder)
+        digest = weights_digest(net.encoder)
         if digest not in cache:
             t = time.perf_counter()
             cache[digest] = evaluate_encoder(net.encoder, data, net.encoder.depth // 2 - 1)
@@ -396,16 +406,6 @@ def evaluate_run(
         w.writeheader()
         w.writerows(rows)
     return rows
-
-
-def _digest(encoder) -> str:
-    import hashlib
-
-    h = hashlib.sha1()
-    for k, v in sorted(encoder.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().float().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _num(v):

@@ -147,7 +147,14 @@ def fit(cfg: DictConfig) -> dict[str, Any]:
             centres, obj = kmeans(c, codes, int(cfg.iters), int(cfg.batch), int(cfg.seed) + k, bar)
             perplexity, dead = usage(assign(c, centres), codes)
             books.append(centres.cpu())
-            stats.append({"cells": int(c.shape[0]), "perplexity": perplexity, "dead": dead, **obj})
+            stats.append(
+                {
+                    "cells": int(c.shape[0]),
+                    "perplexity": float(perplexity),
+                    "dead": int(dead),
+                    **obj,
+                }
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(
         {

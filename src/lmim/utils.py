@@ -290,3 +290,18 @@ def finish_wandb(exit_code: int = 0) -> None:
 
 def to_container(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+
+
+def weights_digest(module: object) -> str | None:
+    """SHA-256 of a module's state dict (None for a plain function)."""
+    import hashlib
+
+    import torch
+
+    if not isinstance(module, torch.nn.Module):
+        return None
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

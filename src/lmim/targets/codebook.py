@@ -50,12 +50,13 @@ def assign(features: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return scores.argmin(-1).reshape(features.shape[:-1])
 
 
-def usage(indices: torch.Tensor, codes: int) -> tuple[float, int]:
-    """Perplexity of the code distribution (``codes`` when uniform) and the unused codes."""
-    counts = torch.bincount(indices.flatten(), minlength=codes).double()
+def usage(indices: torch.Tensor, codes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Perplexity of the code distribution (``codes`` when uniform) and the number of unused
+    codes, as scalar tensors on the indices' device (no host synchronisation)."""
+    counts = torch.bincount(indices.flatten(), minlength=codes).float()
     p = counts / counts.sum().clamp_min(1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float(entropy.exp()), int((counts == 0).sum())
+    entropy = -(p * p.clamp_min(1e-12).log()).sum()
+    return entropy.exp(), (counts == 0).sum().float()
 
 
 def load_codebook(path: str | Path) -> dict[str, Any]:
@@ -98,11 +99,9 @@ class CodeTarget(Target):
         codes when all are used alike) and ``codebook/unused_<cell>px`` (codes no cell took)."""
         out = {}
         for cell, idx, k in zip(self.cell_sizes, targets, self.dims, strict=True):
-            counts = torch.bincount(idx.flatten(), minlength=k).float()
-            p = counts / counts.sum().clamp_min(1)
-            entropy = -(p * p.clamp_min(1e-12).log()).sum()
-            out[f"codebook/perplexity_{cell:g}px"] = entropy.exp()
-            out[f"codebook/unused_{cell:g}px"] = (counts == 0).sum().float()
+            perplexity, unused = usage(idx, k)
+            out[f"codebook/perplexity_{cell:g}px"] = perplexity
+            out[f"codebook/unused_{cell:g}px"] = unused
         return out
 
     def loss(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

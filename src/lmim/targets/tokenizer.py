@@ -14,7 +14,7 @@ checkpoint (checkpoints hold its class and a digest of its weights). It runs in 
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,23 +24,13 @@ from torch import nn
 
 from lmim.errors import ConfigError
 from lmim.targets.codebook import CodeTarget, assign, load_codebook, make_base
+from lmim.utils import weights_digest
 
 log = logging.getLogger("lmim")
 SHAPE = (
     "a tokenizer must return integer code indices of shape (B, h, w), or a list of such grids "
     "with one per tap"
 )
-
-
-def weights_digest(module: object) -> str | None:
-    """SHA-256 of a module's state dict (None for a plain function)."""
-    if not isinstance(module, nn.Module):
-        return None
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class Tokenizer(CodeTarget):
@@ -103,7 +93,7 @@ class Tokenizer(CodeTarget):
         H, W = images.shape[-2:]
         tok = self._tokenizer
         if isinstance(tok, nn.Module):  # follows the images' device, in its own dtype
-            first = next(iter(tok.state_dict().values()), None)
+            first = next(itertools.chain(tok.parameters(), tok.buffers()), None)
             if first is not None and first.device != images.device:
                 tok.to(images.device)
         out = tok(images)
