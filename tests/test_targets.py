@@ -596,8 +596,7 @@ def test_codebook_refusals_name_the_fix(tmp_path):
 def test_codebook_cli_fits_and_trains(tmp_path):
     """`python -m lmim.codebook` fits per-scale codes on the demo photos (printing usage and the
     k-means objective), and `python -m lmim.train target=codebook target.path=...` trains on
-    them, logging the batch's code usage per scale; the codes travel in the checkpoint. The
-    same file trains as `target=tokenizer` with the CodebookTokenizer."""
+    them, logging the batch's code usage per scale; the codes travel in the checkpoint."""
     from tests.runs import SMALL, cli, load
 
     common = [o for o in SMALL if o.startswith(("model=", "data=", "data.images", "data.img"))]
@@ -636,19 +635,6 @@ def test_codebook_cli_fits_and_trains(tmp_path):
     for r in rows:
         assert 1.0 <= float(r["codebook/perplexity_4px"]) <= 8.0
         assert 0 <= float(r["codebook/unused_32px"]) <= 8
-    # the same file as a tokenizer of one's own (target=tokenizer), as conf/target/tokenizer.yaml
-    # shows: the command line builds it from target.tokenizer._target_
-    tok = cli(
-        *SMALL,
-        "target=tokenizer",
-        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
-        f"+target.tokenizer.path={tmp_path / 'book.pt'}",
-        "trainer.max_steps=2",
-        "hydra.run.dir=tok",
-        cwd=tmp_path,
-    )
-    assert tok.returncode == 0, tok.stderr[-3000:]
-    assert load(tmp_path / "tok" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 # -- target=teacher ------------------------------------------------------------------------------
@@ -902,6 +888,28 @@ def test_tokenizer_config_refusals_name_the_setting(make_cfg, tmp_path):
     ]
     with pytest.raises(ConfigError, match=r"^target.tokenizer.path=\S+none.pt does not exist"):
         build(make_cfg(missing))
+
+
+@pytest.mark.slow
+def test_tokenizer_cli_trains(tmp_path):
+    """The README's `python -m lmim.train target=tokenizer target.tokenizer._target_=
+    lmim.targets.CodebookTokenizer +target.tokenizer.path=...` (the command line builds the
+    tokenizer from target.tokenizer._target_); in the fast suite, the same config trains in
+    process (test_tokenizer_run_from_the_config)."""
+    from tests.runs import SMALL, cli, load
+
+    book = write_book(tmp_path / "book.pt", cell_sizes=(4, 8, 16, 32))
+    tok = cli(
+        *SMALL,
+        "target=tokenizer",
+        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
+        f"+target.tokenizer.path={book}",
+        "trainer.max_steps=2",
+        "hydra.run.dir=tok",
+        cwd=tmp_path,
+    )
+    assert tok.returncode == 0, tok.stderr[-3000:]
+    assert load(tmp_path / "tok" / "checkpoints" / "last.ckpt")["global_step"] == 2
 
 
 def test_tokenizer_run_from_the_config(make_cfg, tmp_path):
