@@ -14,6 +14,7 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
 
+from lmim.callbacks.final_step import logs_this_batch
 from lmim.errors import ConfigError, NonFiniteError
 from lmim.seeding import MASK, derive_seed, rng_states, set_rng_states
 
@@ -52,6 +53,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     """This process's shard of a sharded (FSDP2 DTensor) tensor; other tensors as they are."""
     to_local = getattr(t, "to_local", None)
     return to_local() if to_local is not None else t
+
+
+def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    return [p for g in optimizer.param_groups for p in g["params"]]
 
 
 def warmup_cosine(optimizer, total_steps: int, warmup_steps: int, min_lr: float) -> dict:
@@ -127,8 +132,12 @@ class LocalMIMModule(L.LightningModule):
         self.global_batch: int | None = None
         self.seed = seed
         self.max_nonfinite_in_a_row = int(max_nonfinite_in_a_row)
-        self.nonfinite_steps = 0
-        self.nonfinite_streak = 0
+        # Non-finite steps: [in all, in a row] on the host as of the last read, and the
+        # device's counts (see _count_nonfinite).
+        self._nonfinite_host = (0, 0)
+        self._nonfinite_counts: torch.Tensor | None = None
+        self._last_stats: torch.Tensor | None = None
+        self._last_lr = 0.0
         # Sum over the micro-batches of this optimizer step of [loss, loss per tap...].
         self._step_losses: torch.Tensor | None = None
         self._micro_batches = 0
@@ -275,11 +284,15 @@ class LocalMIMModule(L.LightningModule):
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Log the global batch's losses and skip the update if anything is not finite.
+        """Decide, on the device, whether this update is skipped (a loss or gradient not
+        finite), and keep the global batch's losses for logging.
 
         Runs once per optimizer step after the (all-reduced, under fp16 possibly still scaled)
-        gradients are ready. All processes agree through one small all-reduce, followed by the
-        step's one host synchronisation.
+        gradients are ready. All processes agree through one small all-reduce. With a fused
+        optimizer (the default ``optim.optimizer.fused=true``) the skip happens on the device
+        too (:meth:`skip_mode`), so a step makes no host synchronisation: the losses reach the
+        host on logging steps only (:meth:`on_train_batch_end`). Other optimizers decide on
+        the host, one synchronisation per step.
         """
         if self._step_losses is None:  # no training_step of ours ran (e.g. manual calls)
             return
@@ -299,51 +312,134 @@ class LocalMIMModule(L.LightningModule):
         stats = torch.cat([losses, flags.to(losses)])
         if world > 1:
             stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        *sums, loss_bad, grads_bad = stats.tolist()
+        self._last_stats = stats
+        self._last_lr = float(optimizer.param_groups[0]["lr"])
+        bad = stats[-2:].sum() > 0
+        self._count_nonfinite(bad)
+        mode = self.skip_mode(optimizer)
+        if mode == "host":  # one copy to the host: the flags and the counts
+            read = torch.cat([stats[-2:].double(), self._nonfinite_counts.double()]).tolist()
+            loss_bad, grads_bad = read[0] > 0, read[1] > 0
+            if loss_bad or grads_bad:
+                self._skip_update(optimizer)
+            self._read_nonfinite(self.global_step, counts=read[2:])
+        elif mode == "found_inf":
+            # Fused Adam(W)/SGD skip the whole update (step counts too) when found_inf is 1;
+            # optimizer_step removes it after the step.
+            optimizer.found_inf = bad.float()
+        else:  # "poison": a GradScaler that unscales inside a fused step checks for inf there
+            first = next((g.view(-1)[:1] for g in grads if g.numel()), None)
+            if first is not None:
+                first.copy_(torch.where(bad, torch.full_like(first, float("nan")), first))
+
+    def skip_mode(self, optimizer: torch.optim.Optimizer) -> str:
+        """How a non-finite step is skipped: ``found_inf`` (a fused optimizer without a
+        GradScaler: the optimizer's own skip flag, set on the device), ``poison`` (a fused
+        optimizer under a GradScaler: one gradient entry set to NaN on the device, which the
+        scaler's check inside the step sees) or ``host`` (any other optimizer: decided on the
+        host, which waits for the step's gradients)."""
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        if not fused:
+            return "host"
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return "poison" if scaler is not None else "found_inf"
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            raw = getattr(optimizer, "optimizer", optimizer)  # inside a LightningOptimizer
+            raw.__dict__.pop("found_inf", None)
+
+    # -- non-finite steps: counted on the device, read on logging steps ---------------------
+
+    def _count_nonfinite(self, bad: torch.Tensor) -> None:
+        """[steps in all, current streak, longest streak since the last read], on the device."""
+        c = self._nonfinite_counts
+        if c is None or c.device != bad.device:
+            host = [self._nonfinite_host[0], self._nonfinite_host[1], self._nonfinite_host[1]]
+            c = torch.tensor(host, dtype=torch.int64, device=bad.device)
+        b = bad.to(torch.int64)
+        streak = (c[1] + 1) * b
+        self._nonfinite_counts = torch.stack([c[0] + b, streak, torch.maximum(c[2], streak)])
+
+    def _read_nonfinite(self, step: int | None = None, counts: list | None = None) -> None:
+        """Bring the counts to the host (a synchronisation), warn about newly skipped steps and
+        stop after ``max_nonfinite_in_a_row`` in a row.
+
+        Args:
+            step: the last step counted (default: the one just done, after the update).
+            counts: the device counts already read (with the losses, in one copy).
+        """
+        c = self._nonfinite_counts
+        if c is None:
+            return
+        total, streak, longest = (int(v) for v in (c.tolist() if counts is None else counts))
+        before = self._nonfinite_host[0]
+        self._nonfinite_host = (total, streak)
+        self._nonfinite_counts = torch.stack([c[0], c[1], c[1]])
+        step = self.global_step - 1 if step is None else step
+        if total > before:
+            log.warning(
+                "%d non-finite step(s) up to step %d: update(s) skipped (%d in a row now, %d in "
+                "all)",
+                total - before,
+                step,
+                streak,
+                total,
+            )
+        if longest >= self.max_nonfinite_in_a_row:
+            raise NonFiniteError(
+                f"{longest} optimizer steps in a row (up to step {step}) had a non-finite loss "
+                f"or gradient, the limit optim.max_nonfinite_in_a_row="
+                f"{self.max_nonfinite_in_a_row}; those steps did not update the weights. Try a "
+                "lower optim.blr, trainer.gradient_clip_val=1.0, trainer.precision=bf16-mixed "
+                "instead of 16-mixed, or check the data"
+            )
+
+    @property
+    def nonfinite_steps(self) -> int:
+        """Skipped non-finite steps so far (reading it synchronises with the device)."""
+        self._read_nonfinite()
+        return self._nonfinite_host[0]
+
+    @property
+    def nonfinite_streak(self) -> int:
+        """Non-finite steps in a row up to the last one (reading it synchronises)."""
+        self._read_nonfinite()
+        return self._nonfinite_host[1]
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Log the step's losses, ``lr`` and non-finite count where Lightning writes this
+        batch's metrics (every ``trainer.log_every_n_steps``, when stopping): the one host
+        synchronisation of a logging step. Runs after every callback's ``on_train_batch_end``,
+        so a stop they decide is seen."""
+        stats, self._last_stats = self._last_stats, None
+        if stats is None or not logs_this_batch(self.trainer, batch_idx):
+            return
+        world, _ = self._world()
+        counts = self._nonfinite_counts
+        if counts is not None:  # one copy to the host for the losses and the counts
+            values = torch.cat([stats.double(), counts.to(stats.device).double()]).tolist()
+            *sums, _, _ = values[: stats.numel()]
+            self._read_nonfinite(counts=values[stats.numel() :])
+        else:
+            *sums, _, _ = stats.tolist()
         # Host tensors: Lightning would turn Python floats into device tensors (one copy each).
         means = [torch.tensor(v / world, dtype=torch.float64) for v in sums]
         self.log("train/loss", means[0], prog_bar=True)
         for name, value in zip(self._tap_names, means[1:], strict=True):
             self.log(f"train/loss_{name}", value)
-        lr = torch.tensor(optimizer.param_groups[0]["lr"], dtype=torch.float64)
-        self.log("lr", lr, prog_bar=True)
-        if loss_bad or grads_bad:
-            self._skip_update(optimizer, grads_bad=bool(grads_bad))
-            self.nonfinite_steps += 1
-            self.nonfinite_streak += 1
-            log.warning(
-                "step %d: non-finite %s; update skipped (%d in a row, %d in all)",
-                self.global_step,
-                "gradient" if grads_bad else "loss",
-                self.nonfinite_streak,
-                self.nonfinite_steps,
-            )
-        else:
-            self.nonfinite_streak = 0
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-        if self.nonfinite_streak >= self.max_nonfinite_in_a_row:
-            first = self.global_step - self.nonfinite_streak + 1
-            raise NonFiniteError(
-                f"{self.nonfinite_streak} optimizer steps in a row (steps {first} to "
-                f"{self.global_step}) had a non-finite loss or gradient, the limit "
-                f"optim.max_nonfinite_in_a_row={self.max_nonfinite_in_a_row}; those steps did "
-                "not update the weights. Try a lower optim.blr, trainer.gradient_clip_val=1.0, "
-                "trainer.precision=bf16-mixed instead of 16-mixed, or check the data"
-            )
+        self.log("lr", torch.tensor(self._last_lr, dtype=torch.float64), prog_bar=True)
+        steps = float(self._nonfinite_host[0])
+        self.log("train/nonfinite_steps", torch.tensor(steps, dtype=torch.float64))
 
-    def _skip_update(self, optimizer: torch.optim.Optimizer, grads_bad: bool) -> None:
-        """Make the coming ``optimizer.step()`` a no-op for the weights and the optimizer state."""
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-            # An optimizer that unscales inside step() (fused AdamW) under a GradScaler: the
-            # scaler skips the step (and lowers its scale) only if it finds an inf/NaN there.
-            if not grads_bad and params:
-                params[0].grad.fill_(float("nan"))
-            return
-        # Optimizers leave parameters without a gradient untouched (moments and step counts
-        # too); a GradScaler that already unscaled keeps its inf record and still backs off.
-        for p in params:
+    def _skip_update(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make the coming ``optimizer.step()`` a no-op for the weights and the optimizer state
+        (the ``host`` skip mode). Optimizers leave parameters without a gradient untouched
+        (moments and step counts too); a GradScaler that already unscaled keeps its inf record
+        and still backs off."""
+        for p in _params(optimizer):
             p.grad = None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -400,9 +496,10 @@ class LocalMIMModule(L.LightningModule):
         if self.config is not None:
             checkpoint["lmim_config"] = self.config
         checkpoint["lmim_seed"] = self.seed
+        self._read_nonfinite()
         checkpoint["lmim_nonfinite"] = {
-            "steps": self.nonfinite_steps,
-            "streak": self.nonfinite_streak,
+            "steps": self._nonfinite_host[0],
+            "streak": self._nonfinite_host[1],
         }
         # Every process's RNG states, by global rank (dropout / drop-path streams on resume).
         world, _ = self._world()
@@ -418,7 +515,7 @@ class LocalMIMModule(L.LightningModule):
         if checkpoint.get("lmim_seed") is not None:
             self.seed = int(checkpoint["lmim_seed"])
         counts = checkpoint.get("lmim_nonfinite", {})
-        self.nonfinite_steps = int(counts.get("steps", 0))
-        self.nonfinite_streak = int(counts.get("streak", 0))
+        self._nonfinite_host = (int(counts.get("steps", 0)), int(counts.get("streak", 0)))
+        self._nonfinite_counts = None
         # Applied before the first batch, after the data loader has started.
         self._rng_to_restore = checkpoint.get("lmim_rng_states")

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from lmim.callbacks.final_step import logs_this_batch
 from lmim.errors import BadDataError
 
 log = logging.getLogger("lmim")
@@ -45,9 +46,16 @@ class BadDataMonitor(L.Callback):
         every = 1 if trainer.world_size == 1 else self.every_n_steps or trainer.log_every_n_steps
         if (batch_idx + 1) % max(1, every) == 0:
             self.check(trainer, pl_module)
+        if logs_this_batch(trainer, batch_idx):
+            self._log(pl_module)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check(trainer, pl_module)
+        self._log(pl_module)
+
+    def _log(self, pl_module: L.LightningModule) -> None:
+        # A host tensor: a Python float would be copied to the device each time.
+        pl_module.log("data/skipped", torch.tensor(float(len(self.skipped)), dtype=torch.float64))
 
     def check(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather newly skipped files from every process, report them, apply the limit."""
@@ -71,7 +79,6 @@ class BadDataMonitor(L.Callback):
             report.parent.mkdir(parents=True, exist_ok=True)
             with open(report, "a") as f:
                 f.writelines(f"{path}\t{reason}\n" for path, reason in fresh.items())
-        pl_module.log("data/skipped", float(len(self.skipped)))
         total = len(loader.dataset)
         limit = float(getattr(trainer.datamodule, "max_skipped_share", 1.0))
         if total and len(self.skipped) / total > limit:

@@ -27,13 +27,25 @@ class BudgetCheckpoints(L.Callback):
     file with its device-hours and step. Checkpoints hold weights only (``weights_only=True``),
     which :func:`lmim.export.load_pretrainer` reads.
 
+    Under several processes rank 0's decision is broadcast every ``check_every_n_steps``
+    optimizer steps (a collective, a synchronisation with the device under NCCL), so a point
+    is saved up to that many steps late; one process checks its clock every step.
+
     Args:
         dirpath: folder for the checkpoints and ``points.json``.
         minutes: budget points in device-minutes, increasing.
         stop_at_last: stop training once the last point is saved (a time budget).
+        check_every_n_steps: optimizer steps between checks under several processes; None =
+            ``trainer.log_every_n_steps``.
     """
 
-    def __init__(self, dirpath: str, minutes: Sequence[float], stop_at_last: bool = True) -> None:
+    def __init__(
+        self,
+        dirpath: str,
+        minutes: Sequence[float],
+        stop_at_last: bool = True,
+        check_every_n_steps: int | None = None,
+    ) -> None:
         points = [float(m) for m in minutes]
         if not points or any(m <= 0 for m in points) or points != sorted(set(points)):
             raise ConfigError(
@@ -42,6 +54,12 @@ class BudgetCheckpoints(L.Callback):
         self.dirpath = Path(dirpath)
         self.minutes = points
         self.stop_at_last = stop_at_last
+        if check_every_n_steps is not None and int(check_every_n_steps) < 1:
+            raise ConfigError(
+                f"callbacks.budget.check_every_n_steps={check_every_n_steps} must be >= 1, or "
+                "null (trainer.log_every_n_steps)"
+            )
+        self.check_every_n_steps = check_every_n_steps
         self.saved: list[dict] = []
         self._next = 0
         self._t0: float | None = None
@@ -84,6 +102,9 @@ class BudgetCheckpoints(L.Callback):
         some processes only would deadlock."""
         reached = self._hours() * 60.0 >= minutes
         if trainer.world_size > 1 and torch.distributed.is_initialized():
+            every = self.check_every_n_steps or max(1, int(trainer.log_every_n_steps))
+            if trainer.global_step % every:
+                return False
             flag = torch.tensor([reached], dtype=torch.uint8, device=device)
             torch.distributed.broadcast(flag, src=0)
             return bool(flag.item())
@@ -99,6 +120,8 @@ class BudgetCheckpoints(L.Callback):
         self._next += 1
         if self._next == len(self.minutes) and self.stop_at_last:
             trainer.should_stop = True
+            if self._perf is not None:  # Lightning writes this stopping step's metrics
+                self._perf.log_step(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer, "end", None)

@@ -18,6 +18,25 @@ def is_final_step(trainer: L.Trainer, batch_idx: int) -> bool:
     return batch_idx + 1 >= trainer.num_training_batches
 
 
+def logs_this_batch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether Lightning writes the step metrics of the batch that just ended
+    (``on_train_batch_end``): it finished an optimizer step that is a multiple of
+    ``trainer.log_every_n_steps``, or training stops there (``should_stop`` as set so far, the
+    run's last step, ``fast_dev_run``). Metrics logged on other batches are never written, so
+    lmim computes them only here."""
+    accumulate = max(1, int(trainer.accumulate_grad_batches))
+    if (batch_idx + 1) % accumulate and batch_idx + 1 != trainer.num_training_batches:
+        return False  # accumulating: no optimizer step, Lightning writes nothing
+    if trainer.fast_dev_run:
+        return True
+    every = int(trainer.log_every_n_steps)
+    if every <= 0:
+        return False
+    return (
+        trainer.global_step % every == 0 or trainer.should_stop or is_final_step(trainer, batch_idx)
+    )
+
+
 class FinalStepLog(L.Callback):
     """Make the final optimizer step's metrics (``train/loss``, per-tap losses, ``lr``,
     ``perf/*``) reach the loggers even when ``trainer.log_every_n_steps`` does not divide it,

@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+from lmim.callbacks.final_step import logs_this_batch
+
 log = logging.getLogger("lmim")
 
 DEVICE_HOURS = "perf/device_hours"
@@ -139,7 +141,9 @@ def _host_peak_memory_gb() -> float:
 class PerfMonitor(L.Callback):
     """Device-hour accounting and throughput, logged with the training metrics.
 
-    Logged every step (names are stable; the report and W&B charts use them):
+    Logged on the steps Lightning writes (every ``trainer.log_every_n_steps`` and the last; names
+    are stable, the report and W&B charts use them), from host clocks and counters only, so the
+    accounting adds no host synchronisation to a step:
 
     * ``perf/device_hours``: wall-clock since ``setup`` x devices (``trainer.world_size``) / 3600,
       cumulative over resumed runs (kept in checkpoints). W&B uses it as the x-axis of every
@@ -193,6 +197,7 @@ class PerfMonitor(L.Callback):
         self._epoch: dict[str, float] = {}
         self._defined: set[str] = set()
         self._num_keys = 0
+        self._logged_step = -1
 
     # ---- accounting --------------------------------------------------------------------------
 
@@ -255,6 +260,15 @@ class PerfMonitor(L.Callback):
         now = time.perf_counter()
         self._last_end = now
         self._marks.append((now, self.images_seen, self._wait))
+        if logs_this_batch(trainer, batch_idx):
+            self.log_step(trainer, pl_module)
+
+    def log_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the step metrics (on the batches Lightning writes; a callback that stops
+        training after this one ran calls it too). Host values only: no synchronisation."""
+        if self._logged_step == trainer.global_step:
+            return
+        self._logged_step = trainer.global_step
         (t0, n0, w0), (t1, n1, w1) = self._marks[0], self._marks[-1]
         metrics = {DEVICE_HOURS: self.device_hours, "perf/images_seen": float(self.images_seen)}
         if t1 > t0:

@@ -53,11 +53,18 @@ class ResumeCheckpoint(ModelCheckpoint):
     Periodic saves pause while the latest steps had non-finite losses (the module's
     ``nonfinite_streak``), so ``last.ckpt`` stays the last good state.
 
+    Under several processes they agree on a received signal through a collective every
+    ``check_every_n_steps`` optimizer steps (a synchronisation with the device under NCCL), so
+    the stop comes up to that many steps after the signal; one process checks every step, on
+    the host only.
+
     Args:
         dirpath: checkpoint folder.
         every_n_train_steps: optimizer steps between saves.
         signals: signal names that trigger a save and a clean stop.
         requeue: requeue a Slurm job after a SIGUSR1 save.
+        check_every_n_steps: optimizer steps between agreements on a signal under several
+            processes; None = ``trainer.log_every_n_steps``.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         every_n_train_steps: int = 500,
         signals: Sequence[str] = ("SIGTERM", "SIGUSR1"),
         requeue: bool = True,
+        check_every_n_steps: int | None = None,
     ) -> None:
         if int(every_n_train_steps) < 1:
             raise ConfigError(
@@ -81,6 +89,12 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         self.signals = [_signal_number(s) for s in signals]
         self.requeue = bool(requeue)
+        if check_every_n_steps is not None and int(check_every_n_steps) < 1:
+            raise ConfigError(
+                f"callbacks.last_checkpoint.check_every_n_steps={check_every_n_steps} must be "
+                ">= 1 (optimizer steps between checks for a signal), or null"
+            )
+        self.check_every_n_steps = check_every_n_steps
         self._received: int | None = None
         self._previous_handlers: dict[int, Any] = {}
 
@@ -139,7 +153,10 @@ class ResumeCheckpoint(ModelCheckpoint):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if getattr(pl_module, "nonfinite_streak", 0) == 0:
+        # Reading the streak synchronises with the device: only where a save is due.
+        every = self._every_n_train_steps
+        due = every >= 1 and trainer.global_step % every == 0
+        if not due or getattr(pl_module, "nonfinite_streak", 0) == 0:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Stop only after an optimizer step: accumulated gradients are not in checkpoints.
         stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0 or (
@@ -147,6 +164,10 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         if not stepped or trainer.fast_dev_run:
             return
+        if trainer.world_size > 1:
+            every = self.check_every_n_steps or max(1, int(trainer.log_every_n_steps))
+            if trainer.global_step % every:
+                return
         signum = self._agreed_signal(trainer, pl_module.device)
         if not signum:
             return
