@@ -8,12 +8,18 @@ to the FLOP ratio. Examples:
     python benchmarks/throughput.py --model vit_b --target hog --batch 8            # CPU
     python benchmarks/throughput.py --model vit_b --compare localmim,mae --batch 8  # ratio
     python benchmarks/throughput.py --model vit_b --batch 256 --precision bf16 --compile  # GPU
+    python benchmarks/throughput.py --model vit_l --batch 128 --precision bf16 --grad-checkpointing
+    python benchmarks/throughput.py --model vit_b --batch 256 --precision bf16 --profile 15
+
+``--json`` writes the rows (and the profile's top kernels) to a file; ``benchmarks/gpu.py``
+collects them for one GPU session.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import time
 from collections.abc import Callable
 
@@ -21,7 +27,7 @@ import torch
 from hydra.utils import instantiate
 
 from lmim import compose_config, create_pretrainer
-from lmim.callbacks.perf import count_flops_per_image
+from lmim.callbacks.perf import count_flops_per_image, peak_tflops
 from lmim.module import param_groups
 
 
@@ -53,6 +59,8 @@ def setup(args: argparse.Namespace, method: str, device: torch.device) -> dict:
     options = {"img_size": args.img_size} if args.img_size else {}
     net = create_pretrainer(args.model, args.target, args.schedule, method=method, **options)
     net = net.to(device)
+    if args.grad_checkpointing:
+        net.encoder.set_grad_checkpointing(True)
     # The optimizer of conf/optim/adamw.yaml (fused AdamW, betas 0.9/0.95, wd 0.05).
     optim = instantiate(compose_config().optim.optimizer)
     opt = optim(param_groups(net, 0.05), lr=1e-4)
@@ -60,7 +68,7 @@ def setup(args: argparse.Namespace, method: str, device: torch.device) -> dict:
     images = torch.randn(args.batch, 3, size, size, device=device)
     dtype = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    model = torch.compile(net) if args.compile else net
+    model = torch.compile(net, mode=args.compile_mode) if args.compile else net
 
     def autocast():
         if dtype is None:
@@ -117,15 +125,58 @@ def bench(args: argparse.Namespace) -> list[dict]:
                 "img": run["size"],
                 "batch": args.batch,
                 "device": name,
-                "precision": args.precision + (" +compile" if args.compile else ""),
+                "precision": args.precision
+                + (f" +compile({args.compile_mode or 'default'})" if args.compile else "")
+                + (" +ckpt" if args.grad_checkpointing else ""),
                 "GFLOP/img": run["gflops"],
                 "ms/step": 1000 * t_step,
                 "img/s": args.batch / t_step,
                 "target ms": 1000 * t_target,
                 "target share": t_target / t_step,
                 "peak GiB": mem,
+                "MFU": mfu(run["gflops"] * args.batch / t_step, name, args.precision),
             }
         )
+    if args.profile:
+        rows[0]["top kernels"] = profile(runs[0]["step"], args.profile, device)
+    return rows
+
+
+def mfu(gflop_per_s: float, device_name: str, precision: str) -> float:
+    """Achieved / the device's dense peak (:data:`lmim.callbacks.perf.PEAK_TFLOPS`); NaN when the
+    peak is not known (CPUs)."""
+    lightning = {"32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}[precision]
+    peak = peak_tflops(device_name, lightning)
+    return gflop_per_s / (peak * 1e3) if peak else float("nan")
+
+
+def profile(step: Callable[[], None], top: int, device: torch.device) -> list[dict]:
+    """The ``top`` kernels (GPU) or ops (CPU) by self time over 3 profiled steps, printed."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)
+    total = sum(getattr(e, key, 0.0) for e in events) or 1.0
+    rows = [
+        {
+            "name": e.key[:90],
+            "calls/step": e.count / 3,
+            "ms/step": getattr(e, key, 0.0) / 3 / 1000,
+            "share": getattr(e, key, 0.0) / total,
+        }
+        for e in events[:top]
+    ]
+    print(f"top {top} by {key} (3 steps):")
+    for r in rows:
+        print(f"  {r['share']:6.1%} {r['ms/step']:8.2f} ms {r['calls/step']:6.0f}x  {r['name']}")
     return rows
 
 
@@ -145,9 +196,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--precision", choices=["32", "bf16", "fp16"], default="32")
     p.add_argument("--device", default="auto")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
+    p.add_argument(
+        "--grad-checkpointing", action="store_true", help="recompute encoder blocks (memory)"
+    )
+    p.add_argument("--profile", type=int, default=0, help="print the top N kernels of a step")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     args = p.parse_args(argv)
     rows = bench(args)
-    cols = list(rows[0])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    cols = [c for c in rows[0] if c != "top kernels"]
     fmt = {
         "GFLOP/img": "{:.1f}",
         "ms/step": "{:.1f}",
@@ -155,6 +215,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "target ms": "{:.1f}",
         "target share": "{:.1%}",
         "peak GiB": "{:.2f}",
+        "MFU": "{:.1%}",
     }
     cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]

@@ -405,6 +405,34 @@ def test_isolated_gradients(how: str) -> None:
     assert _grad_blocks(net) == {6, 7}
 
 
+def test_grad_checkpointing_gives_the_same_step() -> None:
+    """Activation checkpointing (``model.encoder.grad_checkpointing``) recomputes the blocks in
+    the backward, drop-path draws included: the same loss and the same gradients, bitwise."""
+
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        net = LocalMIM(
+            small_vit(drop_path_rate=0.3),
+            HOG9,
+            taps=(0, 1, 2, 3),
+            decoder_dim=32,
+            decoder_heads=2,
+            scales=(4, 2, 1, 0.5),
+        )
+        net.encoder.set_grad_checkpointing(checkpointing)
+        net.train()
+        torch.manual_seed(1)
+        out = net(torch.randn(2, 3, 64, 64))
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}
+
+    loss, grads = step(False)
+    loss_ckpt, grads_ckpt = step(True)
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys()
+    assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
+
+
 def test_non_isolated_top_loss_reaches_block_0(vit_test: LocalMIM) -> None:
     """Without isolation the top tap's loss back-propagates through every block to the stem."""
     torch.manual_seed(0)

@@ -42,3 +42,8 @@ class PreemptedError(TrainingStoppedError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message, exit_code=128 + int(signum))
         self.signum = int(signum)
+
+
+class HostSyncError(TrainingStoppedError):
+    """A training step read a device value on the host outside a logging step
+    (``callbacks.host_sync.strict=true``); the message names the place."""

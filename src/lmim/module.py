@@ -55,6 +55,32 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
+COMPILE_KEYS = ("mode", "backend", "fullgraph", "dynamic", "options")
+
+
+def compile_options(cfg: dict | None) -> dict | None:
+    """torch.compile's arguments from the ``compile`` config, None when it is off.
+
+    Raises:
+        ConfigError: an unknown key or mode.
+    """
+    if not cfg or not cfg.get("enabled", False):
+        return None
+    unknown = sorted(set(cfg) - {"enabled", *COMPILE_KEYS})
+    if unknown:
+        raise ConfigError(
+            f"compile.{unknown[0]} is not a setting; use compile.enabled and torch.compile's "
+            f"{', '.join(COMPILE_KEYS)}"
+        )
+    opts = {k: cfg[k] for k in COMPILE_KEYS if cfg.get(k) is not None}
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if opts.get("mode") not in (None, *modes):
+        raise ConfigError(f"compile.mode={opts['mode']!r}: use one of {', '.join(modes)}")
+    if opts.get("backend") not in (None, "inductor") and "mode" in opts:
+        opts.pop("mode")  # modes are inductor's
+    return opts
+
+
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in optimizer.param_groups for p in g["params"]]
 
@@ -101,6 +127,9 @@ class LocalMIMModule(L.LightningModule):
         config: the resolved run config, stored in checkpoints (``lmim_config``).
         seed: seed of the masks; None draws one per run (kept in checkpoints).
         max_nonfinite_in_a_row: skipped non-finite steps in a row that stop the run.
+        compile: ``torch.compile`` of ``net`` in place (``nn.Module.compile``: parameter names
+            and checkpoints unchanged): ``enabled`` plus torch.compile's ``mode``,
+            ``backend``, ``fullgraph``, ``dynamic``; None or ``enabled: false``: eager.
     """
 
     def __init__(
@@ -114,6 +143,7 @@ class LocalMIMModule(L.LightningModule):
         config: dict | None = None,
         seed: int | None = 0,
         max_nonfinite_in_a_row: int = 20,
+        compile: dict | None = None,
     ) -> None:
         super().__init__()
         if int(max_nonfinite_in_a_row) < 1:
@@ -132,6 +162,8 @@ class LocalMIMModule(L.LightningModule):
         self.global_batch: int | None = None
         self.seed = seed
         self.max_nonfinite_in_a_row = int(max_nonfinite_in_a_row)
+        self.compile_options = compile_options(compile)
+        self._compiled = False
         # Non-finite steps: [in all, in a row] on the host as of the last read, and the
         # device's counts (see _count_nonfinite).
         self._nonfinite_host = (0, 0)
@@ -185,6 +217,10 @@ class LocalMIMModule(L.LightningModule):
                 f"trainer.strategy={type(strategy).__name__}: lmim shards its models with "
                 "lmim.fsdp.FSDP2Strategy; use trainer=fsdp (or trainer=fsdp_cpu)"
             )
+        if self.compile_options is not None and not self._compiled:
+            # After sharding, so that the compiled graphs see the sharded blocks.
+            self.net.compile(**self.compile_options)
+            self._compiled = True
 
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer

@@ -54,6 +54,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LocalMIMModule]:
         config=to_container(cfg),
         seed=cfg.get("seed"),
         max_nonfinite_in_a_row=cfg.optim.get("max_nonfinite_in_a_row", 20),
+        compile=to_container(cfg.compile) if cfg.get("compile") is not None else None,
     )
     return datamodule, module
 

@@ -9,10 +9,12 @@ this callback shows it, on any device.
 
 from __future__ import annotations
 
+import json
 import logging
 import traceback
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lmim.callbacks.final_step import is_final_step
-from lmim.errors import ConfigError
+from lmim.errors import ConfigError, HostSyncError
 
 log = logging.getLogger("lmim")
 
@@ -150,23 +152,27 @@ class HostSyncCounter:
 class HostSyncMonitor(L.Callback):
     """Counts the host synchronisations of every training step (see :class:`HostSyncCounter`)
     and reports those outside the steps where they are expected: logging steps (every
-    ``trainer.log_every_n_steps``), checkpoint saves and the final step.
+    ``trainer.log_every_n_steps``), checkpoint saves, the last step of an epoch (epoch-end
+    callbacks) and the final step.
 
     At the end of training it logs a summary (syncs per step on each kind of step, and the
-    places of unexpected ones); with ``strict`` the first unexpected one stops the run with
-    its place. It slows every op (a Python hook on each), so it is a diagnostic
-    (``callbacks=sync_check`` or ``+callbacks/host_sync_monitor@callbacks.host_sync=...``), not
-    for timed runs.
+    places of unexpected ones) and writes it to ``<default_root_dir>/<report>`` (rank 0;
+    other ranks add ``.rank<r>``): the summary, the count of every step and each unexpected
+    synchronisation with its place. With ``strict`` the first unexpected one stops the run
+    (:class:`HostSyncError`, naming the place). It slows every op (a Python hook on each), so it
+    is a diagnostic (``callbacks=sync_check``), not for timed runs.
 
     Args:
-        strict: raise at an unexpected synchronisation instead of counting it.
+        strict: stop at an unexpected synchronisation instead of counting it.
+        report: file name of the report in the trainer's ``default_root_dir``.
     """
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, report: str = "host_syncs.json") -> None:
         self.strict = bool(strict)
+        self.report = report
         self.counter = HostSyncCounter()
         self.expected: set[int] = set()
-        self.steps = 0
+        self.seen: set[int] = set()
         self._active = False
 
     def _expected_step(self, trainer: L.Trainer, step: int) -> bool:
@@ -177,6 +183,13 @@ class HostSyncMonitor(L.Callback):
             if getattr(c, "_every_n_train_steps", 0)
         ]
         return (step + 1) % every == 0 or any((step + 1) % n == 0 for n in saves)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "compile_options", None) is not None:
+            raise ConfigError(
+                "callbacks.host_sync counts the syncs of eager steps (its op hook stops "
+                "torch.compile): set compile.enabled=false for this check"
+            )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.counter.device_type = pl_module.device.type
@@ -191,20 +204,21 @@ class HostSyncMonitor(L.Callback):
         self.counter.paused = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.steps = max(self.steps, self.counter.step + 1)
+        self.seen.add(self.counter.step)
         if is_final_step(trainer, batch_idx):
             self.expected.add(self.counter.step)
         if self.strict:
             bad = self.unexpected()
             if bad:
                 self._stop()
-                raise ConfigError(
+                raise HostSyncError(
                     f"host synchronisation at step {bad[0].step}, not a logging step: "
-                    f"{bad[0].kind} at {bad[0].where}"
+                    f"{bad[0].kind} at {bad[0].where} (callbacks.host_sync.strict=true)"
                 )
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.counter.paused = True
+        # Epoch-end work (pictures, k-NN, epoch metrics) reads values once an epoch: expected.
+        self.expected.add(self.counter.step)
 
     def unexpected(self) -> list[HostSync]:
         """The synchronisations on steps where none is expected."""
@@ -213,8 +227,8 @@ class HostSyncMonitor(L.Callback):
     def summary(self) -> dict[str, float]:
         """Synchronisations per step: on the steps where they are expected and on the others."""
         per = self.counter.by_step()
-        expected = [s for s in range(self.steps) if s in self.expected]
-        others = [s for s in range(self.steps) if s not in self.expected]
+        expected = [s for s in sorted(self.seen) if s in self.expected]
+        others = [s for s in sorted(self.seen) if s not in self.expected]
         return {
             "host_syncs_per_logging_step": sum(per[s] for s in expected) / max(1, len(expected)),
             "host_syncs_per_other_step": sum(per[s] for s in others) / max(1, len(others)),
@@ -229,6 +243,24 @@ class HostSyncMonitor(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stop()
         s = self.summary()
+        rank = trainer.global_rank
+        name = self.report if rank == 0 else f"{self.report}.rank{rank}"
+        path = Path(trainer.default_root_dir) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        per = self.counter.by_step()
+        path.write_text(
+            json.dumps(
+                {
+                    "summary": s,
+                    "device": pl_module.device.type,
+                    "log_every_n_steps": int(trainer.log_every_n_steps),
+                    "per_step": {str(i): per[i] for i in sorted(self.seen)},
+                    "expected_steps": sorted(self.expected),
+                    "unexpected": [asdict(e) for e in self.unexpected()],
+                },
+                indent=1,
+            )
+        )
         places = Counter(f"{e.kind} at {e.where}" for e in self.unexpected())
         log.info(
             "host synchronisations: %.1f per logging step, %.2f per other step (%d steps)%s",

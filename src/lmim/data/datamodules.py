@@ -627,3 +627,40 @@ class DemoDataModule(_PretrainDataModule):
         """(n, 3, S, S) deterministic centre views of the first n photos."""
         tf = self.preview_transform()
         return torch.stack([tf(img) for img in self.photos()[:n]])
+
+
+class ResidentBatches:
+    """``length`` steps of one batch that stays on the device: the loader costs nothing."""
+
+    def __init__(self, batch: torch.Tensor, length: int) -> None:
+        self.batch, self.length = batch, int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        for _ in range(self.length):
+            yield self.batch
+
+
+class ResidentDataModule(DemoDataModule):
+    """One batch of real training views (the demo photos' augmented crops, as uint8 with the
+    default ``pipeline=fast``) made once, copied to the training device once and served every
+    step: the training step, Lightning's loop and the callbacks without any loader cost, for
+    throughput benchmarks (``data=resident``). Evaluation and previews are the demo's.
+
+    Args:
+        samples_per_epoch: images per epoch (steps = samples_per_epoch // batch_size).
+        **kwargs: the demo's settings (``images``, ``img_size``, ``batch_size``, ...).
+    """
+
+    def train_dataloader(self) -> ResidentBatches:
+        if self.train_set is None:
+            self.setup("fit")
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        self.train_set.seed = self._run_seed()
+        views = [self.train_set[i] for i in range(self.batch_size)]
+        batch = torch.stack([v[0] if isinstance(v, (list, tuple)) else v for v in views])
+        steps = max(1, self.samples_per_epoch // self.batch_size)
+        return ResidentBatches(batch.to(device), steps)

@@ -1,0 +1,135 @@
+"""Host synchronisations: between logging steps a training step reads no device value on the
+host, so a GPU never waits for the Python loop (issue 13). Counted on the CPU by
+:class:`lmim.callbacks.HostSyncMonitor` (``callbacks=sync_check``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmim.errors import ConfigError, HostSyncError
+from lmim.train import train
+from tests.runs import SMALL, cli
+
+# 10 optimizer steps, logged every 5: steps 4 and 9 are the logging steps.
+TEN_STEPS = [
+    *[o for o in SMALL if not o.startswith("trainer.log_every_n_steps")],
+    "callbacks=sync_check",
+    "~callbacks.reconstruction",
+    "trainer.log_every_n_steps=5",
+    "trainer.max_steps=10",
+    "trainer.max_epochs=-1",
+    "data.samples_per_epoch=40",
+    "callbacks.last_checkpoint.every_n_train_steps=1000",
+]
+
+
+def test_cli_fit_syncs_on_logging_steps_only(tmp_path):
+    """``python -m lmim.train callbacks=sync_check callbacks.host_sync.strict=true`` (the
+    README's check) runs 10 steps to the end: no synchronisation outside the logging steps,
+    and on those the one read of the losses and non-finite counts is seen."""
+    done = cli(
+        *TEN_STEPS, "callbacks.host_sync.strict=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "host_syncs.json").read_text())
+    per_step = {int(k): v for k, v in report["per_step"].items()}
+    assert sorted(per_step) == list(range(10))
+    assert report["expected_steps"] == [4, 9]
+    assert {s: n for s, n in per_step.items() if s not in (4, 9)} == dict.fromkeys(
+        [0, 1, 2, 3, 5, 6, 7, 8], 0
+    )
+    assert per_step[4] >= 1 and per_step[9] >= 1
+    assert report["unexpected"] == []
+    assert "host synchronisations: " in done.stderr + done.stdout
+
+
+def test_host_skip_mode_syncs_every_step_and_strict_names_it(make_cfg, one_thread):
+    """A non-fused optimizer decides the non-finite skip on the host: the counter sees that
+    read (lmim/module.py) on every step, and ``strict`` stops at the first, naming it."""
+    host = [*TEN_STEPS, "optim.optimizer.fused=false", "trainer.max_steps=3"]
+    cfg = make_cfg(host)
+    train(cfg)
+    report = json.loads((Path(cfg.paths.output_dir) / "host_syncs.json").read_text())
+    ours = {e["step"] for e in report["unexpected"] if "lmim/module.py" in e["where"]}
+    assert ours == {0, 1, 2}
+    cfg = make_cfg([*host, "callbacks.host_sync.strict=true"])
+    with pytest.raises(HostSyncError, match=r"at step 0, not a logging step: .*lmim/module\.py"):
+        train(cfg)
+
+
+def test_sync_check_refuses_compile(make_cfg, one_thread):
+    """The counter's op hook stops torch.compile, so the two together are refused up front."""
+    cfg = make_cfg([*TEN_STEPS, "compile.enabled=true", "compile.backend=eager"])
+    with pytest.raises(ConfigError, match=r"compile\.enabled=false"):
+        train(cfg)
+
+
+def test_fused_adamw_found_inf():
+    """The device-side skip relies on fused AdamW: found_inf=0 steps exactly as no flag does;
+    found_inf=1 leaves weights, moments and step count as if that step had not been."""
+    torch.manual_seed(0)
+    grads = [torch.randn(7, 5) for _ in range(3)]
+
+    def run(steps):
+        p = torch.nn.Parameter(torch.ones(7, 5))
+        opt = torch.optim.AdamW([p], lr=0.1, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+        for g, flag in steps:
+            p.grad = g.clone()
+            if flag is not None:
+                opt.found_inf = torch.tensor(float(flag))
+            opt.step()
+            opt.__dict__.pop("found_inf", None)
+        return p.detach(), opt.state[p]
+
+    def same(a, b):
+        return torch.equal(a[0], b[0]) and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+
+    plain = run([(g, None) for g in grads])
+    assert same(plain, run([(g, 0) for g in grads]))
+    skipped = run([(grads[0], None), (grads[1], 1), (grads[2], None)])
+    assert same(skipped, run([(grads[0], None), (grads[2], None)]))
+    assert not same(skipped, plain)
+
+
+def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg, one_thread):
+    """``compile.enabled=true`` with ``fullgraph=true`` traces the whole model in one graph (no
+    break: the step has no data-dependent Python) and trains on ``data=resident`` (one uint8
+    batch kept on the device); the checkpoint's parameter names are the eager model's."""
+    cfg = make_cfg(
+        [
+            *[o for o in TEN_STEPS if not o.startswith(("callbacks=", "data="))],
+            "data=resident",
+            "data.img_size=32",
+            "data.batch_size=4",
+            "trainer.max_steps=3",
+            "compile.enabled=true",
+            "compile.backend=eager",
+            "compile.fullgraph=true",
+        ]
+    )
+    result = train(cfg)
+    names = set(torch.load(result["checkpoint"], weights_only=True)["state_dict"])
+    eager = make_cfg([*[o for o in TEN_STEPS if not o.startswith("callbacks=")]])
+    from lmim.train import build
+
+    _, module = build(eager)
+    assert names == set(module.state_dict())
+    assert all("_orig_mod" not in n for n in names)
+
+
+def test_compile_settings_are_checked():
+    from lmim.module import compile_options
+
+    assert compile_options({"enabled": False, "mode": "bogus"}) is None
+    assert compile_options({"enabled": True, "mode": "max-autotune", "backend": "inductor"}) == {
+        "mode": "max-autotune",
+        "backend": "inductor",
+    }
+    with pytest.raises(ConfigError, match=r"compile\.mode='fast': use one of default"):
+        compile_options({"enabled": True, "mode": "fast"})
+    with pytest.raises(ConfigError, match=r"compile\.fulgraph is not a setting"):
+        compile_options({"enabled": True, "fulgraph": True})
