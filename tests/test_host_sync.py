@@ -18,7 +18,6 @@ from tests.runs import SMALL, cli
 TEN_STEPS = [
     *[o for o in SMALL if not o.startswith("trainer.log_every_n_steps")],
     "callbacks=sync_check",
-    "~callbacks.reconstruction",
     "trainer.log_every_n_steps=5",
     "trainer.max_steps=10",
     "trainer.max_epochs=-1",
@@ -47,21 +46,21 @@ def test_cli_fit_syncs_on_logging_steps_only(tmp_path):
     assert "host synchronisations: " in done.stderr + done.stdout
 
 
-def test_host_skip_mode_syncs_every_step_and_strict_names_it(make_cfg, one_thread):
+def test_host_skip_mode_syncs_every_step_and_strict_names_it(make_cfg, tmp_path):
     """A non-fused optimizer decides the non-finite skip on the host: the counter sees that
     read (lmim/module.py) on every step, and ``strict`` stops at the first, naming it."""
-    host = [*TEN_STEPS, "optim.optimizer.fused=false", "trainer.max_steps=3"]
+    host = [*TEN_STEPS, "optim.optimizer.fused=false", "trainer.max_steps=4"]  # 3: the last
     cfg = make_cfg(host)
     train(cfg)
     report = json.loads((Path(cfg.paths.output_dir) / "host_syncs.json").read_text())
     ours = {e["step"] for e in report["unexpected"] if "lmim/module.py" in e["where"]}
     assert ours == {0, 1, 2}
-    cfg = make_cfg([*host, "callbacks.host_sync.strict=true"])
+    cfg = make_cfg([*host, "callbacks.host_sync.strict=true"], output_dir=tmp_path / "strict")
     with pytest.raises(HostSyncError, match=r"at step 0, not a logging step: .*lmim/module\.py"):
         train(cfg)
 
 
-def test_sync_check_refuses_compile(make_cfg, one_thread):
+def test_sync_check_refuses_compile(make_cfg):
     """The counter's op hook stops torch.compile, so the two together are refused up front."""
     cfg = make_cfg([*TEN_STEPS, "compile.enabled=true", "compile.backend=eager"])
     with pytest.raises(ConfigError, match=r"compile\.enabled=false"):
@@ -95,7 +94,7 @@ def test_fused_adamw_found_inf():
     assert not same(skipped, plain)
 
 
-def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg, one_thread):
+def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg):
     """``compile.enabled=true`` with ``fullgraph=true`` traces the whole model in one graph (no
     break: the step has no data-dependent Python) and trains on ``data=resident`` (one uint8
     batch kept on the device); the checkpoint's parameter names are the eager model's."""

@@ -127,9 +127,10 @@ class LocalMIMModule(L.LightningModule):
         config: the resolved run config, stored in checkpoints (``lmim_config``).
         seed: seed of the masks; None draws one per run (kept in checkpoints).
         max_nonfinite_in_a_row: skipped non-finite steps in a row that stop the run.
-        compile: ``torch.compile`` of ``net`` in place (``nn.Module.compile``: parameter names
-            and checkpoints unchanged): ``enabled`` plus torch.compile's ``mode``,
-            ``backend``, ``fullgraph``, ``dynamic``; None or ``enabled: false``: eager.
+        compile: ``torch.compile`` of the training forward (the model's forward and backward
+            on a drawn mask; parameter names and checkpoints unchanged, evaluation eager):
+            ``enabled`` plus torch.compile's ``mode``, ``backend``, ``fullgraph``,
+            ``dynamic``; None or ``enabled: false``: eager.
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class LocalMIMModule(L.LightningModule):
         self.seed = seed
         self.max_nonfinite_in_a_row = int(max_nonfinite_in_a_row)
         self.compile_options = compile_options(compile)
-        self._compiled = False
+        self._train_forward: Callable | None = None
         # Non-finite steps: [in all, in a row] on the host as of the last read, and the
         # device's counts (see _count_nonfinite).
         self._nonfinite_host = (0, 0)
@@ -217,10 +218,11 @@ class LocalMIMModule(L.LightningModule):
                 f"trainer.strategy={type(strategy).__name__}: lmim shards its models with "
                 "lmim.fsdp.FSDP2Strategy; use trainer=fsdp (or trainer=fsdp_cpu)"
             )
-        if self.compile_options is not None and not self._compiled:
-            # After sharding, so that the compiled graphs see the sharded blocks.
-            self.net.compile(**self.compile_options)
-            self._compiled = True
+        if self.compile_options is not None and self._train_forward is None:
+            # After sharding, so that the graphs see the sharded blocks (and FSDP's hooks, which
+            # run in net's __call__). Only the training forward: evaluation and pictures call
+            # the model with other arguments and stay eager.
+            self._train_forward = torch.compile(self._masked_forward, **self.compile_options)
 
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer
@@ -297,6 +299,10 @@ class LocalMIMModule(L.LightningModule):
             full = self.net.random_mask(batch * world, device=device, generator=generator)
         return full[rank::world]
 
+    def _masked_forward(self, images: torch.Tensor, mask: torch.Tensor, **kwargs):
+        """The training forward (what ``compile`` compiles): the model on a drawn mask."""
+        return self.net(images, mask, from_random_mask=True, **kwargs)
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (list, tuple)) else batch
         mask = self.step_mask(images.shape[0], batch_idx, images.device)
@@ -304,7 +310,8 @@ class LocalMIMModule(L.LightningModule):
         if getattr(self.net, "share_mask", False):
             # This process's rows take one mask when the G groups cycle within the world.
             kwargs["shared_rows"] = self._world()[0] % self.mask_groups(images.shape[0]) == 0
-        out = self.net(images, mask, from_random_mask=True, **kwargs)
+        forward = self._train_forward or self._masked_forward
+        out = forward(images, mask, **kwargs)
         self._tap_names = list(out.losses)
         losses = torch.stack([out.loss.detach(), *(v.detach() for v in out.losses.values())])
         losses = losses.float()

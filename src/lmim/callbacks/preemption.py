@@ -97,6 +97,7 @@ class ResumeCheckpoint(ModelCheckpoint):
         self.check_every_n_steps = check_every_n_steps
         self._received: int | None = None
         self._previous_handlers: dict[int, Any] = {}
+        self._patched_loop: Any = None
 
     @property
     def resume_path(self) -> Path:
@@ -121,6 +122,15 @@ class ResumeCheckpoint(ModelCheckpoint):
         for signum in self.signals:
             self._previous_handlers[signum] = signal.getsignal(signum)
             signal.signal(signum, self._on_signal)
+        if int(signal.SIGTERM) in self.signals:
+            # Lightning (2.x) broadcasts its own SIGTERM flag before every batch under several
+            # processes and reads it on the host: a synchronisation per step. Its flag can no
+            # longer be set (the handler above replaced Lightning's), and this callback agrees
+            # on SIGTERM itself, so that broadcast is skipped.
+            loop = getattr(trainer.fit_loop, "epoch_loop", None)
+            if loop is not None and hasattr(loop, "_broadcast_sigterm_tensor"):
+                self._patched_loop = loop
+                loop._broadcast_sigterm_tensor = lambda: None
 
     def _restore_handlers(self) -> None:
         # Before Trainer._teardown, which then restores the handlers from before fit().
@@ -128,6 +138,9 @@ class ResumeCheckpoint(ModelCheckpoint):
             if handler is not None:
                 signal.signal(signum, handler)
         self._previous_handlers = {}
+        loop, self._patched_loop = self._patched_loop, None
+        if loop is not None:
+            loop.__dict__.pop("_broadcast_sigterm_tensor", None)
 
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
