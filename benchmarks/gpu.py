@@ -224,13 +224,13 @@ class Session:
         (self.out / "gpu.json").write_text(json.dumps({"info": info, "rows": self.rows}, indent=1))
         cols = ["item", "status", "img/s", "MFU", "peak GiB", "loader wait", "syncs/step"]
 
-        def cell(v) -> str:
+        def cell(v, col: str) -> str:
             if v is None:
                 return ""
             if isinstance(v, float):
                 if math.isnan(v):
                     return "n/a"
-                return f"{v:.1%}" if v < 1 and v != 0 else f"{v:,.1f}"
+                return f"{v:.1%}" if col in ("MFU", "loader wait") else f"{v:,.1f}"
             return str(v)
 
         lines = [
@@ -244,7 +244,8 @@ class Session:
             values = [r.get(c) for c in cols]
             if r["item"] == "syncs" and r.get("syncs/step") is not None:
                 values[cols.index("syncs/step")] = f"{r['syncs/step']:g}"
-            lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+            cells = [cell(v, c) for v, c in zip(values, cols, strict=True)]
+            lines.append("| " + " | ".join(cells) + " |")
         for r in self.rows:
             if r.get("top kernels"):
                 lines += ["", f"Top kernels of {r['item']}:", ""]

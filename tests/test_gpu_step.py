@@ -1,6 +1,7 @@
-"""Host synchronisations: between logging steps a training step reads no device value on the
-host, so a GPU never waits for the Python loop (issue 13). Counted on the CPU by
-:class:`lmim.callbacks.HostSyncMonitor` (``callbacks=sync_check``)."""
+"""The GPU step (issue 13), checked on the CPU: between logging steps a training step reads no
+device value on the host, so a GPU never waits for the Python loop (counted by
+:class:`lmim.callbacks.HostSyncMonitor`, ``callbacks=sync_check``); ``compile``;
+``data=resident``; the GPU session script's dry run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 
 from lmim.errors import ConfigError, HostSyncError
 from lmim.train import train
-from tests.runs import SMALL, cli
+from tests.runs import ROOT, SMALL, cli, cli_env
 
 # 10 optimizer steps, logged every 5: steps 4 and 9 are the logging steps.
 TEN_STEPS = [
@@ -132,3 +133,32 @@ def test_compile_settings_are_checked():
         compile_options({"enabled": True, "mode": "fast"})
     with pytest.raises(ConfigError, match=r"compile\.fulgraph is not a setting"):
         compile_options({"enabled": True, "fulgraph": True})
+
+
+@pytest.mark.slow
+def test_gpu_session_script_dry_run(tmp_path):
+    """``bash benchmarks/gpu.sh <out> --smoke`` (the one prepared GPU script, at toy sizes on
+    the CPU) runs every item and writes gpu.json and gpu.md."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu.sh", str(tmp_path), "--smoke"],
+        cwd=ROOT,
+        env={**cli_env(), "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    rows = {r["item"]: r for r in report["rows"]}
+    assert set(rows) == {
+        "fit", "fit mae", "syncs", "step vit_b", "step swin_b", "step vit_l", "step vit_l+ckpt",
+        "profile vit_b", "fit+compile",
+    }  # fmt: skip
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["syncs"]["syncs/step"] == 0
+    assert all(rows[k]["img/s"] > 0 for k in rows if k != "syncs")
+    assert rows["profile vit_b"]["top kernels"]
+    assert "| fit | ok |" in (tmp_path / "gpu.md").read_text()
