@@ -217,7 +217,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "peak GiB": "{:.2f}",
         "MFU": "{:.1%}",
     }
-    cells = [[fmt.get(c, "{}").format(r[c]) for c in cols] for r in rows]
+
+    def show(r: dict, c: str) -> str:
+        v = r[c]
+        return "n/a" if isinstance(v, float) and v != v else fmt.get(c, "{}").format(v)
+
+    cells = [[show(r, c) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     print("-+-".join("-" * w for w in widths))
