@@ -276,11 +276,17 @@ def test_readme_analysis_of_a_random_baseline(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        ([], "lmim: error: nothing to analyze: pass checkpoints=[path/to/last.ckpt,...]"),
+        # Two of the four in the slow suite (the same one-line path), for the fast suite's time.
+        pytest.param(
+            [],
+            "lmim: error: nothing to analyze: pass checkpoints=[path/to/last.ckpt,...]",
+            marks=pytest.mark.slow,
+        ),
         (["exports=[enc.pth]"], "lmim: error: exports=[enc.pth] needs timm_model=<the timm"),
-        (
+        pytest.param(
             ["exports=[missing.pth]", "timm_model=vit_tiny_patch16_224"],
             "lmim: error: missing.pth is not a readable encoder file (FileNotFoundError)",
+            marks=pytest.mark.slow,
         ),
         (
             ["init_model=vit_test", "data.img_size=64", "maps.queries=[[9,9]]"],

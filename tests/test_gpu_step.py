@@ -140,12 +140,11 @@ def test_gpu_session_script_dry_run(tmp_path):
     """``bash benchmarks/gpu.sh <out> --smoke`` (the one prepared GPU script, at toy sizes on
     the CPU) runs every item and writes gpu.json and gpu.md."""
     import subprocess
-    import sys
 
     done = subprocess.run(
         ["bash", "benchmarks/gpu.sh", str(tmp_path), "--smoke"],
         cwd=ROOT,
-        env={**cli_env(), "PYTHON": sys.executable},
+        env={k: v for k, v in cli_env().items() if k != "PYTHON"},
         capture_output=True,
         text=True,
         timeout=900,
@@ -162,3 +161,23 @@ def test_gpu_session_script_dry_run(tmp_path):
     assert all(rows[k]["img/s"] > 0 for k in rows if k != "syncs")
     assert rows["profile vit_b"]["top kernels"]
     assert "| fit | ok |" in (tmp_path / "gpu.md").read_text()
+
+
+def test_nonfinite_counts_on_the_device_carry_a_resumed_run():
+    """The non-finite counts live on the device between reads: a resumed run's counts (from the
+    checkpoint) go on from where they were, a finite step ends the streak, and a streak past
+    ``max_nonfinite_in_a_row`` stops at the read."""
+    from lmim.errors import NonFiniteError
+    from lmim.module import LocalMIMModule
+
+    module = LocalMIMModule(torch.nn.Linear(2, 2), torch.optim.AdamW, max_nonfinite_in_a_row=3)
+    module.on_load_checkpoint({"lmim_nonfinite": {"steps": 5, "streak": 1}})
+    module._count_nonfinite(torch.tensor(True))
+    assert module._nonfinite_counts.tolist() == [6, 2, 2]
+    module._count_nonfinite(torch.tensor(False))
+    assert (module.nonfinite_steps, module.nonfinite_streak) == (6, 0)
+    for _ in range(3):
+        module._count_nonfinite(torch.tensor(True))
+    module._count_nonfinite(torch.tensor(False))  # the streak ended, but it reached the limit
+    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row"):
+        module._read_nonfinite(step=10)

@@ -400,8 +400,11 @@ class LocalMIMModule(L.LightningModule):
         """[steps in all, current streak, longest streak since the last read], on the device."""
         c = self._nonfinite_counts
         if c is None or c.device != bad.device:
-            host = [self._nonfinite_host[0], self._nonfinite_host[1], self._nonfinite_host[1]]
-            c = torch.tensor(host, dtype=torch.int64, device=bad.device)
+            # Filled on the device (a copy from the host would synchronise).
+            c = torch.zeros(3, dtype=torch.int64, device=bad.device)
+            total, streak = self._nonfinite_host
+            if total or streak:
+                c[0], c[1], c[2] = total, streak, streak
         b = bad.to(torch.int64)
         streak = (c[1] + 1) * b
         self._nonfinite_counts = torch.stack([c[0] + b, streak, torch.maximum(c[2], streak)])

@@ -159,8 +159,10 @@ class HostSyncMonitor(L.Callback):
     places of unexpected ones) and writes it to ``<default_root_dir>/<report>`` (rank 0;
     other ranks add ``.rank<r>``): the summary, the count of every step and each unexpected
     synchronisation with its place. With ``strict`` the first unexpected one stops the run
-    (:class:`HostSyncError`, naming the place). It slows every op (a Python hook on each), so it
-    is a diagnostic (``callbacks=sync_check``), not for timed runs.
+    (:class:`HostSyncError`, naming the place); on CUDA it also turns on
+    ``torch.cuda.set_sync_debug_mode("error")`` for those steps' batches, which catches
+    synchronisations no op shows (stream syncs, blocking copies). It slows every op (a Python
+    hook on each), so it is a diagnostic (``callbacks=sync_check``), not for timed runs.
 
     Args:
         strict: stop at an unexpected synchronisation instead of counting it.
@@ -201,9 +203,15 @@ class HostSyncMonitor(L.Callback):
         self.counter.step = trainer.global_step
         if self._expected_step(trainer, trainer.global_step):
             self.expected.add(trainer.global_step)
+        elif self.strict and pl_module.device.type == "cuda":
+            # CUDA's own check as well: any synchronising call (a copy to the host, a stream
+            # or device sync) raises where it happens, until the batch's end.
+            torch.cuda.set_sync_debug_mode("error")
         self.counter.paused = False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
         self.seen.add(self.counter.step)
         if is_final_step(trainer, batch_idx):
             self.expected.add(self.counter.step)
@@ -236,6 +244,8 @@ class HostSyncMonitor(L.Callback):
         }
 
     def _stop(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
         if self._active:
             self.counter.__exit__(None, None, None)
             self._active = False
