@@ -181,3 +181,28 @@ def test_nonfinite_counts_on_the_device_carry_a_resumed_run():
     module._count_nonfinite(torch.tensor(False))  # the streak ended, but it reached the limit
     with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row"):
         module._read_nonfinite(step=10)
+
+
+@pytest.mark.slow
+def test_ddp_fit_syncs_on_logging_steps_only(tmp_path):
+    """Two DDP processes (gloo) with the budget-point callback: the signal and budget
+    agreements and Lightning's own SIGTERM broadcast no longer read a value each step, so
+    ``strict`` passes on both ranks and their reports count 0 on the other steps."""
+    done = cli(
+        *[o for o in TEN_STEPS if not o.startswith("trainer=")],
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "data.samples_per_epoch=80",
+        "callbacks.host_sync.strict=true",
+        "+callbacks.budget._target_=lmim.callbacks.BudgetCheckpoints",
+        f"+callbacks.budget.dirpath={tmp_path}/budget",
+        "+callbacks.budget.minutes=[60]",
+        f"hydra.run.dir={tmp_path}",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("host_syncs.json", "host_syncs.json.rank1"):
+        report = json.loads((tmp_path / name).read_text())
+        assert report["summary"]["host_syncs_per_other_step"] == 0
+        assert report["summary"]["other_steps"] == 8
+        assert report["unexpected"] == []
