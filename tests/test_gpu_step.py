@@ -140,11 +140,12 @@ def test_gpu_session_script_dry_run(tmp_path):
     """``bash benchmarks/gpu.sh <out> --smoke`` (the one prepared GPU script, at toy sizes on
     the CPU) runs every item and writes gpu.json and gpu.md."""
     import subprocess
+    import sys
 
     done = subprocess.run(
         ["bash", "benchmarks/gpu.sh", str(tmp_path), "--smoke"],
         cwd=ROOT,
-        env={k: v for k, v in cli_env().items() if k != "PYTHON"},
+        env={**cli_env(), "PYTHON": sys.executable},  # this interpreter, wherever its venv is
         capture_output=True,
         text=True,
         timeout=900,
