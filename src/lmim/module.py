@@ -443,17 +443,24 @@ class LocalMIMModule(L.LightningModule):
                 "instead of 16-mixed, or check the data"
             )
 
+    def _peek_nonfinite(self) -> tuple[int, int]:
+        """(in all, in a row) now, read without the warning, the limit check or resetting the
+        longest streak, which stay with the logging steps' reads (a synchronisation)."""
+        c = self._nonfinite_counts
+        if c is None:
+            return self._nonfinite_host
+        total, streak, _ = (int(v) for v in c.tolist())
+        return total, streak
+
     @property
     def nonfinite_steps(self) -> int:
         """Skipped non-finite steps so far (reading it synchronises with the device)."""
-        self._read_nonfinite()
-        return self._nonfinite_host[0]
+        return self._peek_nonfinite()[0]
 
     @property
     def nonfinite_streak(self) -> int:
         """Non-finite steps in a row up to the last one (reading it synchronises)."""
-        self._read_nonfinite()
-        return self._nonfinite_host[1]
+        return self._peek_nonfinite()[1]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Log the step's losses, ``lr`` and non-finite count where Lightning writes this
@@ -542,11 +549,8 @@ class LocalMIMModule(L.LightningModule):
         if self.config is not None:
             checkpoint["lmim_config"] = self.config
         checkpoint["lmim_seed"] = self.seed
-        self._read_nonfinite()
-        checkpoint["lmim_nonfinite"] = {
-            "steps": self._nonfinite_host[0],
-            "streak": self._nonfinite_host[1],
-        }
+        steps, streak = self._peek_nonfinite()
+        checkpoint["lmim_nonfinite"] = {"steps": steps, "streak": streak}
         # Every process's RNG states, by global rank (dropout / drop-path streams on resume).
         world, _ = self._world()
         states = rng_states(self.device)
