@@ -433,6 +433,27 @@ def test_grad_checkpointing_gives_the_same_step() -> None:
     assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
 
 
+def test_swin_grad_checkpointing_gives_the_same_step() -> None:
+    """The same for Swin's blocks (window plans passed through the recomputation)."""
+
+    def step(checkpointing: bool):
+        torch.manual_seed(0)
+        net = lmim.create_pretrainer("swin_test", "hog", img_size=64, drop_path_rate=0.2)
+        net.encoder.set_grad_checkpointing(checkpointing)
+        torch.manual_seed(1)
+        out = net(torch.randn(2, 3, 64, 64))
+        out.loss.backward()
+        return out.loss.detach(), {
+            n: p.grad for n, p in net.named_parameters() if p.grad is not None
+        }
+
+    loss, grads = step(False)
+    loss_ckpt, grads_ckpt = step(True)
+    assert torch.equal(loss, loss_ckpt)
+    assert grads.keys() == grads_ckpt.keys() and grads
+    assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
+
+
 def test_non_isolated_top_loss_reaches_block_0(vit_test: LocalMIM) -> None:
     """Without isolation the top tap's loss back-propagates through every block to the stem."""
     torch.manual_seed(0)
