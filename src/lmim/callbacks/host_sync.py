@@ -89,7 +89,8 @@ class HostSyncCounter:
     not the loader's worker processes. On CUDA it counts only reads of CUDA tensors. On a CPU,
     where every tensor is a host tensor, it counts reads of any tensor except float64 scalars
     (how lmim keeps logged numbers on the host: on a GPU those reads wait for nothing) and
-    reads made by host-side data work (:data:`HOST_SIDE` frames: augmentations, samplers).
+    reads made by host-side data work (:data:`HOST_SIDE` frames: augmentations, samplers; on a
+    GPU their tensors are CPU tensors, not counted).
 
     Args:
         device_type: the training device's type; on "cpu" every tensor read counts.
@@ -115,7 +116,8 @@ class HostSyncCounter:
         if self.paused or not self._counts(args):
             return
         where, host_side = _caller()
-        if not host_side:
+        # On a GPU a read of a device tensor waits wherever it comes from (lmim.data included).
+        if not host_side or self.device_type != "cpu":
             self.events.append(HostSync(self.step, kind, where))
 
     def _wrap(self, name: str):
