@@ -66,6 +66,11 @@ def last_window(metrics_csv: Path) -> dict[str, float]:
     return found
 
 
+def slug(name: str) -> str:
+    """An item's name as a file name."""
+    return name.replace(" ", "_").replace("+", "_")
+
+
 class Session:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -78,53 +83,56 @@ class Session:
     def left(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.t0)
 
-    def item(self, name: str, cmd: list[str], need: float, limit: float) -> tuple[int, Path]:
-        log = self.out / f"{name.replace(' ', '_').replace('+', '_')}.log"
+    def item(self, name: str, cmd: list[str], need: float, limit: float) -> dict | None:
+        """Run one item if ``need`` seconds are left; its row (status, log), appended to the
+        report, or None when skipped."""
+        log = self.out / f"{slug(name)}.log"
         if self.left() < need:
             self.rows.append({"item": name, "status": f"skipped ({self.left():.0f} s left)"})
-            return -1, log
+            return None
         rc, secs = run(cmd, min(limit, self.left()), log)
         print(f"{name}: exit {rc} in {secs:.0f} s ({log.name})", flush=True)
-        return rc, log
+        row = {"item": name, "status": "ok" if rc == 0 else f"exit {rc}", "log": log.name}
+        self.rows.append(row)
+        return row
 
-    def sizes(self) -> list[str]:
-        """ViT-B/16 at 224 px on the GPU; the test ViT at 32 px on the CPU for ``--smoke``."""
-        if self.smoke:
-            return ["model=vit_test", "data.img_size=32", "trainer=cpu"]
-        return ["model=vit_b", "trainer=gpu"]
+    def train_cmd(self, run_dir: Path, batch: int, steps: int, log_every: int, *extra: str):
+        """``python -m lmim.train``: ViT-B LocalMIM (HOG) on ``data=resident``, CSV logs."""
+        if self.smoke:  # the test ViT at 32 px on the CPU
+            sizes = ["model=vit_test", "data.img_size=32", "trainer=cpu"]
+        else:
+            sizes = ["model=vit_b", "trainer=gpu"]
+        return [
+            sys.executable,
+            "-m",
+            "lmim.train",
+            *sizes,
+            "target=hog",
+            "data=resident",
+            f"data.batch_size={batch}",
+            f"data.samples_per_epoch={batch * steps}",
+            f"trainer.precision={self.args.precision}",
+            f"trainer.max_steps={steps}",
+            "trainer.max_epochs=1",
+            f"trainer.log_every_n_steps={log_every}",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            "callbacks.last_checkpoint.every_n_train_steps=100000",
+            f"hydra.run.dir={run_dir}",
+            *extra,
+        ]
 
     # -- items ---------------------------------------------------------------------------
 
     def fit(self, name: str, *extra: str, limit: float | None = None) -> None:
         a = self.args
-        run_dir = self.out / name.replace(" ", "_").replace("+", "_")
-        cmd = [
-            sys.executable,
-            "-m",
-            "lmim.train",
-            *self.sizes(),
-            "target=hog",
-            "data=resident",
-            f"data.batch_size={a.batch}",
-            f"data.samples_per_epoch={a.batch * a.fit_steps}",
-            f"trainer.precision={a.precision}",
-            f"trainer.max_steps={a.fit_steps}",
-            "trainer.max_epochs=1",
-            f"trainer.log_every_n_steps={a.log_every}",
-            "trainer.enable_progress_bar=false",
-            "logger=csv",
-            f"callbacks.perf.window={a.window}",
-            "callbacks.last_checkpoint.every_n_train_steps=100000",
-            f"hydra.run.dir={run_dir}",
-            *extra,
-        ]
-        need = 60 if not self.smoke else 5
-        rc, log = self.item(name, cmd, need=need, limit=limit or a.item_s)
-        if rc < 0:
-            return
-        row = {"item": name, "status": "ok" if rc == 0 else f"exit {rc}", "log": log.name}
+        run_dir = self.out / slug(name)
+        cmd = self.train_cmd(
+            run_dir, a.batch, a.fit_steps, a.log_every, f"callbacks.perf.window={a.window}", *extra
+        )
+        row = self.item(name, cmd, need=5 if self.smoke else 60, limit=limit or a.item_s)
         csvs = sorted(run_dir.glob("csv/metrics.csv"))
-        if csvs:
+        if row is not None and csvs:
             m = last_window(csvs[0])
             row.update(
                 {
@@ -135,48 +143,23 @@ class Session:
                     "loss": m.get("train/loss"),
                 }
             )
-        self.rows.append(row)
 
     def syncs(self) -> None:
-        a = self.args
         run_dir = self.out / "syncs"
-        batch = 4 if self.smoke else 64
-        cmd = [
-            sys.executable,
-            "-m",
-            "lmim.train",
-            *self.sizes(),
-            "target=hog",
-            "data=resident",
-            f"data.batch_size={batch}",
-            f"data.samples_per_epoch={batch * 12}",
-            f"trainer.precision={a.precision}",
-            "trainer.max_steps=12",
-            "trainer.max_epochs=1",
-            "trainer.log_every_n_steps=6",
-            "trainer.enable_progress_bar=false",
-            "logger=csv",
-            "callbacks=sync_check",
-            "callbacks.last_checkpoint.every_n_train_steps=100000",
-            f"hydra.run.dir={run_dir}",
-        ]
-        rc, log = self.item("syncs", cmd, need=40 if not self.smoke else 5, limit=a.item_s)
-        if rc < 0:
-            return
-        row = {"item": "syncs", "status": "ok" if rc == 0 else f"exit {rc}", "log": log.name}
+        cmd = self.train_cmd(run_dir, 4 if self.smoke else 64, 12, 6, "callbacks=sync_check")
+        row = self.item("syncs", cmd, need=5 if self.smoke else 40, limit=self.args.item_s)
         report = run_dir / "host_syncs.json"
-        if report.exists():
+        if row is not None and report.exists():
             r = json.loads(report.read_text())
             row["syncs/step"] = r["summary"]["host_syncs_per_other_step"]
             row["syncs/logging step"] = r["summary"]["host_syncs_per_logging_step"]
             row["unexpected"] = sorted({f"{e['kind']} at {e['where']}" for e in r["unexpected"]})
-        self.rows.append(row)
 
     def step(
         self, name: str, model: str, batch: int, *extra: str, limit: float | None = None
     ) -> None:
         a = self.args
-        path = self.out / f"{name.replace(' ', '_').replace('+', '_')}.json"
+        path = self.out / f"{slug(name)}.json"
         size = ["--model", "vit_test", "--img-size", "32"] if self.smoke else ["--model", model]
         cmd = [
             sys.executable,
@@ -194,17 +177,12 @@ class Session:
             str(path),
             *extra,
         ]
-        need = 30 if not self.smoke else 5
-        rc, log = self.item(name, cmd, need=need, limit=limit or a.item_s)
-        if rc < 0:
-            return
-        row = {"item": name, "status": "ok" if rc == 0 else f"exit {rc}", "log": log.name}
-        if path.exists():
+        row = self.item(name, cmd, need=5 if self.smoke else 30, limit=limit or a.item_s)
+        if row is not None and path.exists():
             r = json.loads(path.read_text())[0]
             row.update({"img/s": r["img/s"], "MFU": r["MFU"], "peak GiB": r["peak GiB"]})
             if "top kernels" in r:
                 row["top kernels"] = r["top kernels"]
-        self.rows.append(row)
 
     # -- report --------------------------------------------------------------------------
 

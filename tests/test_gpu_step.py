@@ -111,7 +111,11 @@ def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg):
             "compile.fullgraph=true",
         ]
     )
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     result = train(cfg)
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, in one graph, reused
     names = set(torch.load(result["checkpoint"], weights_only=True)["state_dict"])
     eager = make_cfg([*[o for o in TEN_STEPS if not o.startswith("callbacks=")]])
     from lmim.train import build

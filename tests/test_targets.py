@@ -872,6 +872,15 @@ def test_tokenizer_refusals_name_the_fix():
         Tokenizer([16], None, codes=5)
 
 
+def codebook_tokenizer(path) -> list[str]:
+    """The README's overrides for ``target=tokenizer`` with an lmim codebook file as tokenizer."""
+    return [
+        "target=tokenizer",
+        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
+        f"+target.tokenizer.path={path}",
+    ]
+
+
 def test_tokenizer_config_refusals_name_the_setting(make_cfg, tmp_path):
     """target=tokenizer without its _target_, or a CodebookTokenizer without its file: one
     ConfigError naming the command-line setting."""
@@ -880,12 +889,7 @@ def test_tokenizer_config_refusals_name_the_setting(make_cfg, tmp_path):
 
     with pytest.raises(ConfigError, match=r"^target.tokenizer._target_ is not set: pass target"):
         build(make_cfg([*SMALL, "target=tokenizer"]))
-    missing = [
-        *SMALL,
-        "target=tokenizer",
-        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
-        f"+target.tokenizer.path={tmp_path / 'none.pt'}",
-    ]
+    missing = [*SMALL, *codebook_tokenizer(tmp_path / "none.pt")]
     with pytest.raises(ConfigError, match=r"^target.tokenizer.path=\S+none.pt does not exist"):
         build(make_cfg(missing))
 
@@ -901,9 +905,7 @@ def test_tokenizer_cli_trains(tmp_path):
     book = write_book(tmp_path / "book.pt", cell_sizes=(4, 8, 16, 32))
     tok = cli(
         *SMALL,
-        "target=tokenizer",
-        "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
-        f"+target.tokenizer.path={book}",
+        *codebook_tokenizer(book),
         "trainer.max_steps=2",
         "hydra.run.dir=tok",
         cwd=tmp_path,
@@ -920,15 +922,7 @@ def test_tokenizer_run_from_the_config(make_cfg, tmp_path):
     from tests.runs import SMALL, load
 
     path = write_book(tmp_path / "b.pt", cell_sizes=(4, 8, 16, 32))
-    cfg = make_cfg(
-        [
-            *SMALL,
-            "target=tokenizer",
-            "target.tokenizer._target_=lmim.targets.CodebookTokenizer",
-            f"+target.tokenizer.path={path}",
-            "trainer.max_steps=2",
-        ]
-    )
+    cfg = make_cfg([*SMALL, *codebook_tokenizer(path), "trainer.max_steps=2"])
     result = train(cfg)
     assert math.isfinite(result["metrics"]["train/loss"])
     state = load(tmp_path / "run" / "checkpoints" / "last.ckpt")["state_dict"]

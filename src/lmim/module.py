@@ -471,13 +471,10 @@ class LocalMIMModule(L.LightningModule):
         if stats is None or not logs_this_batch(self.trainer, batch_idx):
             return
         world, _ = self._world()
-        counts = self._nonfinite_counts
-        if counts is not None:  # one copy to the host for the losses and the counts
-            values = torch.cat([stats.double(), counts.to(stats.device).double()]).tolist()
-            *sums, _, _ = values[: stats.numel()]
-            self._read_nonfinite(counts=values[stats.numel() :])
-        else:
-            *sums, _, _ = stats.tolist()
+        # One copy to the host for the losses and the non-finite counts (set with the stats).
+        values = torch.cat([stats.double(), self._nonfinite_counts.double()]).tolist()
+        *sums, _, _ = values[: stats.numel()]
+        self._read_nonfinite(counts=values[stats.numel() :])
         # Host tensors: Lightning would turn Python floats into device tensors (one copy each).
         means = [torch.tensor(v / world, dtype=torch.float64) for v in sums]
         self.log("train/loss", means[0], prog_bar=True)

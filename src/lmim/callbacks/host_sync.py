@@ -125,8 +125,7 @@ class HostSyncCounter:
         counter = self
 
         def method(tensor, *args, **kwargs):
-            if not counter.paused:
-                counter._record(f"Tensor.{name}", (tensor,))
+            counter._record(f"Tensor.{name}", (tensor,))
             return original(tensor, *args, **kwargs)
 
         method.__name__ = name

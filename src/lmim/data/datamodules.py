@@ -660,7 +660,7 @@ class ResidentDataModule(DemoDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         self.train_set.seed = self._run_seed()
-        views = [self.train_set[i] for i in range(self.batch_size)]
-        batch = torch.stack([v[0] if isinstance(v, (list, tuple)) else v for v in views])
+        # TrainSet items are (view, label, skipped files)
+        batch = torch.stack([self.train_set[i][0] for i in range(self.batch_size)])
         steps = max(1, self.samples_per_epoch // self.batch_size)
         return ResidentBatches(batch.to(device), steps)
