@@ -10,7 +10,8 @@ Runs, in order of importance, each in its own process with a time limit (what is
 2. ``fit mae``: MAE ViT-B in the same harness;
 3. ``syncs``: host synchronisations per step (``callbacks=sync_check``, eager, batch 64);
 4. model steps (fwd + bwd + fused AdamW, no Lightning, ``benchmarks/throughput.py``): ViT-B,
-   Swin-B, ViT-L at batch 128 with and without activation checkpointing;
+   ViT-B with its decoders as one batched block (``model.batch_decoders``), Swin-B, ViT-L at
+   batch 128 with and without activation checkpointing;
 5. the top kernels of a ViT-B step (``torch.profiler``);
 6. the compiled ones last (compiling takes minutes): ``fit+compile`` (item 1 with
    ``compile.enabled=true``) and the compiled ViT-B model step.
@@ -180,7 +181,7 @@ class Session:
         row = self.item(name, cmd, need=5 if self.smoke else 30, limit=limit or a.item_s)
         if row is not None and path.exists():
             r = json.loads(path.read_text())[0]
-            row.update({"img/s": r["img/s"], "MFU": r["MFU"], "peak GiB": r["peak GiB"]})
+            row.update({k: r[k] for k in ("img/s", "MFU", "peak GiB", "target ms")})
             if "top kernels" in r:
                 row["top kernels"] = r["top kernels"]
 
@@ -200,7 +201,9 @@ class Session:
             "seconds": time.perf_counter() - self.t0,
         }
         (self.out / "gpu.json").write_text(json.dumps({"info": info, "rows": self.rows}, indent=1))
-        cols = ["item", "status", "img/s", "MFU", "peak GiB", "loader wait", "syncs/step"]
+        cols = [
+            "item", "status", "img/s", "MFU", "peak GiB", "target ms", "loader wait", "syncs/step"
+        ]  # fmt: skip
 
         def cell(v, col: str) -> str:
             if v is None:
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     s.fit("fit mae", "method=mae")
     s.syncs()
     s.step("step vit_b", "vit_b", 256)
+    s.step("step vit_b+batched", "vit_b", 256, "--batch-decoders")
     s.step("step swin_b", "swin_b", 256)
     s.step("step vit_l", "vit_l", 128)
     s.step("step vit_l+ckpt", "vit_l", 128, "--grad-checkpointing")

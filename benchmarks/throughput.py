@@ -10,6 +10,7 @@ to the FLOP ratio. Examples:
     python benchmarks/throughput.py --model vit_b --batch 256 --precision bf16 --compile  # GPU
     python benchmarks/throughput.py --model vit_l --batch 128 --precision bf16 --grad-checkpointing
     python benchmarks/throughput.py --model vit_b --batch 256 --precision bf16 --profile 15
+    python benchmarks/throughput.py --model vit_b --batch 256 --precision bf16 --batch-decoders
 
 ``--json`` writes the rows (and the profile's top kernels) to a file; ``benchmarks/gpu.py``
 collects them for one GPU session.
@@ -57,6 +58,8 @@ def setup(args: argparse.Namespace, method: str, device: torch.device) -> dict:
     """The model of one method, its optimiser, and closures for a training step and the target."""
     torch.manual_seed(0)
     options = {"img_size": args.img_size} if args.img_size else {}
+    if args.batch_decoders:
+        options["batch_decoders"] = True
     net = create_pretrainer(args.model, args.target, args.schedule, method=method, **options)
     net = net.to(device)
     if args.grad_checkpointing:
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--compile-mode", default=None, help="e.g. max-autotune-no-cudagraphs")
     p.add_argument(
         "--grad-checkpointing", action="store_true", help="recompute encoder blocks (memory)"
+    )
+    p.add_argument(
+        "--batch-decoders", action="store_true", help="model.batch_decoders: one batched block"
     )
     p.add_argument("--profile", type=int, default=0, help="print the top N kernels of a step")
     p.add_argument("--json", default=None, help="also write the rows to this file")

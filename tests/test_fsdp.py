@@ -176,6 +176,23 @@ def test_bf16_weights_without_autocast_refused(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_batched_decoders_refused_before_any_process_starts(make_cfg):
+    """``model.batch_decoders=true`` under ``trainer=fsdp_cpu``: lmim.train's check after the
+    Trainer is built (before it launches processes) names the key and the fix; sharding such a
+    model directly is refused too."""
+    from lmim.train import build, check_strategy
+    from lmim.utils import instantiate_checked
+
+    cfg = make_cfg([*RUN, *FSDP, "model.batch_decoders=true"])
+    _, module = build(cfg)
+    trainer = instantiate_checked(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy, FSDP2Strategy)
+    with pytest.raises(ConfigError, match="use model.batch_decoders=false with trainer=fsdp"):
+        check_strategy(trainer, module)
+    with pytest.raises(ConfigError, match="model.batch_decoders=true cannot be sharded"):
+        shard_model(module.net, None, [get_class(c) for c in DEFAULT_WRAP])
+
+
 def test_readme_fsdp_command_composes(tmp_path):
     """The README's FSDP command composes (printed, not trained: it needs GPUs and ImageNet)."""
     proc = cli(

@@ -433,6 +433,58 @@ def test_grad_checkpointing_gives_the_same_step() -> None:
     assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"share_mask": True, "decoder_depth": 2}, {"autocast": True}],
+    ids=["per-sample-masks", "shared-mask-2-blocks", "bf16-autocast"],
+)
+def test_batched_decoders_compute_the_per_tap_step(options: dict) -> None:
+    """``model.batch_decoders``: the decoders' blocks run as one batched block over the taps,
+    on the decoders' own parameters (one state dict for both paths). The predictions, the loss
+    and every gradient are the per-tap path's to rounding, on per-sample and shared masks, with
+    two blocks per decoder and under bf16 autocast (every parameter moved off its init, so
+    that each tap's norms and biases differ)."""
+    options = dict(options)
+    autocast = options.pop("autocast", False)
+    runs = {}
+    for batched in (False, True):
+        net = small_localmim(batch_decoders=batched, **options)
+        with torch.no_grad():  # norms and biases off their init, so that each tap's own count
+            noise = torch.Generator().manual_seed(3)
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=noise))
+        torch.manual_seed(1)
+        images = torch.randn(3, 3, 64, 64)
+        mask = net.random_mask(3, generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = net(images, mask)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        runs[batched] = (net.state_dict(), out, grads)
+    (state, ref, ref_grads), (state_b, got, grads) = runs[False], runs[True]
+    assert state.keys() == state_b.keys()
+    assert all(torch.equal(state[k], state_b[k]) for k in state)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    for a, b in zip(ref.preds, got.preds, strict=True):
+        torch.testing.assert_close(b, a, **tol)
+    torch.testing.assert_close(got.loss, ref.loss, **tol)
+    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(net.parameters()))
+    for n, g in ref_grads.items():
+        scale = g.abs().max().clamp_min(1e-12)
+        assert ((grads[n] - g).abs().max() / scale) < (3e-2 if autocast else 1e-4), n
+
+
+def test_batched_decoders_refused_where_they_are_not_alike() -> None:
+    """``model.batch_decoders=true`` on decoders of different widths, on one decoder (MAE) or
+    on Swin's decoders: a ConfigError naming the key and the fix."""
+    with pytest.raises(ConfigError, match=r"model.decoder_dim is 16 at tap 1 and 32 at tap 0"):
+        small_localmim(batch_decoders=True, decoder_dim=[32, 16, 32, 32])
+    with pytest.raises(ConfigError, match="this model has 1: use model.batch_decoders=false"):
+        lmim.create_pretrainer("vit_test", method="mae", batch_decoders=True)
+    with pytest.raises(ConfigError, match="this model's are SwinLocalDecoder"):
+        lmim.create_pretrainer("swin_test", img_size=64, batch_decoders=True)
+
+
 def test_swin_grad_checkpointing_gives_the_same_step() -> None:
     """The same for Swin's blocks (window plans passed through the recomputation)."""
 

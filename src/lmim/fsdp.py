@@ -98,6 +98,11 @@ def shard_model(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    if getattr(net, "batch_decoders", False):  # lmim.train refuses it before any process starts
+        raise ConfigError(
+            "model.batch_decoders=true cannot be sharded (FSDP shards each decoder block on its "
+            "own): use model.batch_decoders=false"
+        )
     units = shard_units(net, wrap)
     if not units:
         names = [f"{c.__module__}.{c.__qualname__}" for c in wrap]

@@ -71,6 +71,18 @@ def check_trainer(cfg: DictConfig) -> None:
         raise ConfigError("trainer.devices=0: use a positive number, -1 (all) or auto")
 
 
+def check_strategy(trainer: L.Trainer, module: LocalMIMModule) -> None:
+    """Before any process starts: the model's settings work with the trainer's strategy."""
+    from lmim.fsdp import FSDP2Strategy
+
+    if isinstance(trainer.strategy, FSDP2Strategy) and getattr(module.net, "batch_decoders", 0):
+        raise ConfigError(
+            "model.batch_decoders=true reads all decoders' weights at once, but FSDP gathers "
+            "each decoder block's own shard only for that block's forward: use "
+            "model.batch_decoders=false with trainer=fsdp"
+        )
+
+
 def check_batches(trainer: L.Trainer, datamodule: L.LightningDataModule) -> None:
     """Before any process starts: every process gets a batch, and accumulation fits an epoch."""
     world = trainer.num_devices * trainer.num_nodes
@@ -201,6 +213,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     # The loggers come after the start is known (the W&B run to continue).
     trainer: L.Trainer = instantiate_checked(cfg.trainer, callbacks=callbacks, logger=False)
+    check_strategy(trainer, module)
     check_batches(trainer, datamodule)
     decide = partial(decide_start, cfg, last, module.config)
     start = share("start", decide, trainer_endpoint(trainer))

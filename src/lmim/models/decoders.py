@@ -7,7 +7,9 @@ x0.5: average pooling), and a 1x1 conv maps to the target width.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +129,13 @@ class ViTLocalDecoder(nn.Module):
             (B, h * w, out_dim) predictions on the (h, w) target grid, raster order.
         """
         x = self.embed(x)  # (B, 1 + V, dim)
-        B, L = x.shape[0], ids_restore.shape[1]
-        patches = torch.cat([x[:, 1:], self.mask_token.expand(B, L + 1 - x.shape[1], -1)], dim=1)
-        patches = patches.gather(1, ids_restore.unsqueeze(-1).expand(B, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed  # (B, 1 + L, dim)
-        x = self.norm(self.blocks(x))[:, 1:]  # (B, L, dim)
+        x = with_mask_tokens(x, self.mask_token, ids_restore) + self.pos_embed  # (B, 1 + L, dim)
+        return self.head(self.norm(self.blocks(x))[:, 1:])
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, dim) decoded patch tokens -> (B, h * w, out_dim) predictions: the rescale head
+        and the 1x1 conv."""
+        B = x.shape[0]
         if not isinstance(self.rescale, nn.Identity):
             h, w = self.grid_size
             x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, dim, h, w)
@@ -140,6 +144,152 @@ class ViTLocalDecoder(nn.Module):
         # its weight gradient keeps the weight's layout (a conv on the transposed map returns
         # a channels-last one, which DDP's gradient buckets must copy, with a warning).
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
+
+
+def with_mask_tokens(
+    x: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor
+) -> torch.Tensor:
+    """(..., 1 + V, dim) cls + visible tokens -> (..., 1 + L, dim) with ``mask_token``
+    (broadcastable to (..., 1, dim)) at the masked patches, patches in raster order.
+
+    ``ids_restore`` is (B|1, L) and indexes the batch dimension just before the tokens; any
+    leading dimensions (the taps of :func:`batched_decoder_tokens`) share it."""
+    lead, V1, d = x.shape[:-2], x.shape[-2], x.shape[-1]
+    L = ids_restore.shape[1]
+    fill = mask_token.expand(*lead, L + 1 - V1, d)
+    patches = torch.cat([x[..., 1:, :], fill], dim=-2)
+    index = ids_restore.expand(lead[-1], L)[..., None].expand(*lead, L, d)
+    return torch.cat([x[..., :1, :], patches.gather(-2, index)], dim=-2)
+
+
+# -- the alike decoders of a ViT as one batched block (model.batch_decoders) -----------------------
+
+
+def check_batchable(decoders: Sequence[nn.Module], norms: Sequence[nn.LayerNorm]) -> None:
+    """Raise a ConfigError unless :func:`batched_decoder_tokens` computes exactly what the
+    decoders compute one by one: ViT decoders of one shape (input and decoder width, depth,
+    heads, MLP, grid) whose blocks are plain timm Blocks (no layer scale, drop path, dropout,
+    q/k norm or gate), and tap norms of one width and eps."""
+    fix = "or model.batch_decoders=false"
+    if len(decoders) < 2:
+        raise ConfigError(
+            f"model.batch_decoders=true batches several decoders; this model has {len(decoders)}: "
+            "use model.batch_decoders=false"
+        )
+    for d in decoders:
+        if type(d) is not ViTLocalDecoder:
+            raise ConfigError(
+                f"model.batch_decoders=true runs ViT decoders (ViTLocalDecoder) as one block; "
+                f"this model's are {type(d).__name__}, whose widths and grids differ per tap: "
+                "use model.batch_decoders=false"
+            )
+
+    def shape(k: int) -> dict[str, Any]:
+        d, n = decoders[k], norms[k]
+        blocks = [
+            (b.attn.num_heads, b.attn.qkv.out_features, b.mlp.fc1.out_features) for b in d.blocks
+        ]
+        return {
+            "tap width": (n.normalized_shape, n.eps),
+            "model.decoder_dim": d.embed.out_features,
+            "model.decoder_heads / decoder_depth / decoder_mlp_ratio": blocks,
+            "patch grid": d.grid_size,
+        }
+
+    first = shape(0)
+    for k in range(1, len(decoders)):
+        for key, value in shape(k).items():
+            if value != first[key]:
+                raise ConfigError(
+                    f"model.batch_decoders=true needs decoders of one shape, but {key} is "
+                    f"{value} at tap {k} and {first[key]} at tap 0: give it one value {fix}"
+                )
+    for k, d in enumerate(decoders):
+        for j, b in enumerate(d.blocks):
+            plain = (
+                all(isinstance(m, nn.Identity) for m in (b.ls1, b.ls2, b.drop_path1, b.drop_path2))
+                and all(isinstance(m, nn.Identity) for m in (b.attn.q_norm, b.attn.k_norm))
+                and isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity)
+                and getattr(b.attn, "gate", None) is None
+                and isinstance(b.mlp.norm, nn.Identity)
+                and isinstance(b.mlp.act, nn.GELU)
+                and b.mlp.act.approximate == "none"
+                and all(
+                    m.p == 0 for m in (b.attn.attn_drop, b.attn.proj_drop, b.mlp.drop1, b.mlp.drop2)
+                )
+                and all(
+                    lin.bias is not None for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)
+                )
+            )
+            if not plain:
+                raise ConfigError(
+                    f"model.batch_decoders=true: block {j} of the decoder of tap {k} is not the "
+                    f"plain timm Block the batched path computes: use model.batch_decoders=false"
+                )
+
+
+def _stack(modules: Sequence[nn.Module], name: str) -> torch.Tensor:
+    return torch.stack([m.get_parameter(name) for m in modules])
+
+
+def _linear(x: torch.Tensor, layers: Sequence[nn.Linear]) -> torch.Tensor:
+    """(T, B, N, in) -> (T, B, N, out): tap t through ``layers[t]``, one batched matmul."""
+    T, B, N, _ = x.shape
+    w, b = _stack(layers, "weight"), _stack(layers, "bias")
+    out = torch.baddbmm(b.unsqueeze(1), x.reshape(T, B * N, -1), w.transpose(1, 2))
+    return out.view(T, B, N, -1)
+
+
+def _layer_norm(x: torch.Tensor, norms: Sequence[nn.LayerNorm]) -> torch.Tensor:
+    """(T, B, N, D): tap t normalised by ``norms[t]`` (one normalisation, one affine)."""
+    w, b = _stack(norms, "weight"), _stack(norms, "bias")
+    y = F.layer_norm(x, norms[0].normalized_shape, eps=norms[0].eps)
+    return torch.addcmul(b[:, None, None], y, w[:, None, None])
+
+
+def _attention(x: torch.Tensor, attns: Sequence[nn.Module]) -> torch.Tensor:
+    """timm's Attention of each tap on (T, B, N, C): per-tap projections, one attention call
+    over the T * B sequences."""
+    T, B, N, _ = x.shape
+    heads = attns[0].num_heads
+    qkv = _linear(x, [a.qkv for a in attns])
+    q, k, v = qkv.reshape(T * B, N, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v)  # (T * B, heads, N, head_dim)
+    return _linear(out.transpose(1, 2).reshape(T, B, N, -1), [a.proj for a in attns])
+
+
+def batched_decoder_tokens(
+    decoders: Sequence[ViTLocalDecoder],
+    norms: Sequence[nn.LayerNorm],
+    feats: Sequence[torch.Tensor],
+    ids_restore: torch.Tensor,
+) -> torch.Tensor:
+    """The transformer part of T alike ViT decoders (:func:`check_batchable`) on their taps at
+    once: ``decoders[t](norms[t](feats[t]), ids_restore)`` before the rescale head, with each
+    layer's weights stacked over the taps, so that each Linear is one batched matmul and each
+    attention one call, instead of T of each. The parameters stay the decoders' own (state
+    dicts and checkpoints are those of the per-tap path); the results agree with it to
+    rounding (the matmuls are batched differently).
+
+    Args:
+        decoders: T decoders of one shape.
+        norms: the T tap norms.
+        feats: T (B, 1 + V, D) tap outputs, cls first.
+        ids_restore: (B|1, L) from :func:`lmim.models.masking.mask_indices`.
+
+    Returns:
+        (T, B, L, dim) decoded patch tokens; ``decoders[t].head`` turns row t into predictions.
+    """
+    x = _layer_norm(torch.stack(list(feats)), norms)
+    x = _linear(x, [d.embed for d in decoders])
+    tokens = torch.stack([d.mask_token for d in decoders])  # (T, 1, 1, dim)
+    x = with_mask_tokens(x, tokens, ids_restore) + decoders[0].pos_embed
+    for j in range(len(decoders[0].blocks)):
+        blocks = [d.blocks[j] for d in decoders]
+        x = x + _attention(_layer_norm(x, [b.norm1 for b in blocks]), [b.attn for b in blocks])
+        h = F.gelu(_linear(_layer_norm(x, [b.norm2 for b in blocks]), [b.mlp.fc1 for b in blocks]))
+        x = x + _linear(h, [b.mlp.fc2 for b in blocks])
+    return _layer_norm(x, [d.norm for d in decoders])[:, :, 1:]
 
 
 def _rescale(head: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 
 from lmim.errors import ConfigError
 from lmim.losses import scale_mask
-from lmim.models.decoders import ViTLocalDecoder
+from lmim.models.decoders import ViTLocalDecoder, batched_decoder_tokens, check_batchable
 from lmim.models.masking import check_mask_ratio, mask_indices, num_visible, random_mask
 from lmim.models.protocol import check_encoder
 from lmim.scales import scaled_grid
@@ -90,6 +90,11 @@ class LocalMIM(nn.Module):
             attention bias is then shared.
         mask_group_size: with ``share_mask``, samples of the global batch sharing one mask per
             step (None: a process's batch); see :meth:`lmim.module.LocalMIMModule.step_mask`.
+        batch_decoders: run the decoders' transformer part as one batched block
+            (:func:`lmim.models.decoders.batched_decoder_tokens`: stacked weights, one attention
+            call) instead of one tap after the other; for ViT decoders of one shape, equal to
+            the per-tap path to rounding, same parameters and checkpoints. Not with FSDP, which
+            shards each decoder block on its own.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class LocalMIM(nn.Module):
         isolate_gradients: bool = False,
         share_mask: bool = False,
         mask_group_size: int | None = None,
+        batch_decoders: bool = False,
     ) -> None:
         super().__init__()
         check_encoder(encoder)
@@ -163,6 +169,9 @@ class LocalMIM(nn.Module):
             )
             for k, t in enumerate(self.taps)
         )
+        self.batch_decoders = bool(batch_decoders)
+        if self.batch_decoders:
+            check_batchable(self.decoders, self.norms)
 
     @property
     def num_patches(self) -> int:
@@ -241,8 +250,13 @@ class LocalMIM(nn.Module):
         preds, weights, losses = [], [], {}
         total = images.new_zeros((), dtype=torch.float32)
         grid = tuple(self.encoder.mask_grid)
+        if self.batch_decoders:
+            tokens = batched_decoder_tokens(self.decoders, self.norms, feats, ids_restore)
         for k, name in enumerate(self.tap_names):
-            pred = self.decoders[k](self.norms[k](feats[k]), ids_restore)
+            if self.batch_decoders:
+                pred = self.decoders[k].head(tokens[k])
+            else:
+                pred = self.decoders[k](self.norms[k](feats[k]), ids_restore)
             w = scale_mask(mask, grid, self.scales[k])
             loss = self.target.loss(pred, targets[k], w)
             losses[name] = loss
