@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.runs import Commands, photo_folder
+from tests.runs import Commands, cli_env, photo_folder
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
@@ -126,6 +127,19 @@ def test_mistyped_key_or_option_is_one_line(commands, key):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert error_lines(proc) == [TYPOS[key][2]]
     assert not (base / key / "run").exists()
+
+
+def test_train_composes_before_importing_lightning():
+    """What ``python -m lmim.train`` runs before Hydra composes the config (the module's own
+    imports) imports neither Lightning nor torch, timm or W&B: a mistyped key, ``--help`` and
+    ``--cfg`` answer without their ~5 s of imports."""
+    heavy = ("lightning", "torch", "timm", "wandb")
+    code = f"import sys, lmim.train; print([m for m in {heavy!r} if m in sys.modules])"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
 
 
 def test_key_added_with_plus_that_the_class_does_not_take(commands):

@@ -158,8 +158,8 @@ def test_gpu_session_script_dry_run(tmp_path):
     report = json.loads((tmp_path / "gpu.json").read_text())
     rows = {r["item"]: r for r in report["rows"]}
     assert set(rows) == {
-        "fit", "fit mae", "syncs", "step vit_b", "step swin_b", "step vit_l", "step vit_l+ckpt",
-        "profile vit_b", "fit+compile",
+        "fit", "fit mae", "syncs", "step vit_b", "step vit_b+batched", "step swin_b",
+        "step vit_l", "step vit_l+ckpt", "profile vit_b", "fit+compile",
     }  # fmt: skip
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["syncs"]["syncs/step"] == 0

@@ -4,6 +4,10 @@ Every hyper-parameter lives in the Hydra configs under ``conf/`` (see ``--help``
 is an error. Multirun sweeps (``-m target=hog,pixel``) give each job its own output folder.
 Re-running a command whose output folder holds ``checkpoints/last.ckpt`` resumes from it
 (``resume=true``; give the folder a fixed name with ``run_id=NAME``).
+
+Lightning, torch and the model are imported by the functions that use them, not here: ``--help``,
+``--cfg job`` and a mistyped key or option answer in about a second instead of after the ~5 s
+those imports take.
 """
 
 from __future__ import annotations
@@ -13,20 +17,14 @@ import math
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from lmim.callbacks import ResumeCheckpoint
 from lmim.cli import fail, hydra_entry, report
 from lmim.errors import ConfigError, TrainingStoppedError
-from lmim.module import LocalMIMModule
 from lmim.rendezvous import share, trainer_endpoint
-from lmim.resume import checkpoint_exists, load_checkpoint_meta, resume_checkpoint
 from lmim.utils import (
     build_callbacks,
     build_loggers,
@@ -36,11 +34,18 @@ from lmim.utils import (
     wandb_run_id,
 )
 
+if TYPE_CHECKING:
+    import lightning as L
+
+    from lmim.module import LocalMIMModule
+
 log = logging.getLogger("lmim")
 
 
 def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LocalMIMModule]:
     """Instantiate and check the data and the model; raises ConfigError before any training."""
+    from lmim.module import LocalMIMModule
+
     datamodule = instantiate_checked(cfg.data)
     datamodule.validate()
     net = instantiate_checked(cfg.model)
@@ -60,6 +65,8 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, LocalMIMModule]:
 
 
 def check_trainer(cfg: DictConfig) -> None:
+    import torch
+
     devices = cfg.trainer.get("devices", 1)
     accel = str(cfg.trainer.get("accelerator", "auto"))
     if accel in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -133,6 +140,8 @@ def read_checkpoint(path: str, config: dict | None = None, explicit: bool = Fals
     Raises:
         ConfigError: the checkpoint cannot be read.
     """
+    from lmim.resume import load_checkpoint_meta
+
     try:
         ckpt = load_checkpoint_meta(path)  # a file, or a folder of shards (FSDP)
         step = int(ckpt.get("global_step", 0))
@@ -158,12 +167,16 @@ def read_checkpoint(path: str, config: dict | None = None, explicit: bool = Fals
     return step
 
 
-@rank_zero_only
 def keep_csv_metrics(loggers: list) -> None:
     """Lightning's CSVLogger empties metrics.csv when it starts; on resume keep the interrupted
-    run's file as metrics.part<k>.csv next to the new one."""
+    run's file as metrics.part<k>.csv next to the new one (on global rank 0)."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return
     for lg in loggers:
-        if isinstance(lg, L.pytorch.loggers.CSVLogger):
+        if isinstance(lg, CSVLogger):
             old = Path(lg.log_dir) / "metrics.csv"
             if old.is_file():
                 k = 1
@@ -180,6 +193,8 @@ def decide_start(cfg: DictConfig, last: Path, config: dict | None) -> dict[str, 
         ``ckpt_path`` (None: from scratch), ``step`` (its global step) and ``wandb_id`` (the W&B
         run to log to: the run folder's when resuming from its ``last.ckpt``, else a new one).
     """
+    from lmim.resume import resume_checkpoint
+
     ckpt_path = resume_checkpoint(cfg.get("ckpt_path"), bool(cfg.get("resume", True)), last)
     step = None
     if ckpt_path is not None:
@@ -200,6 +215,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         TrainingStoppedError: training stopped on purpose (preemption, non-finite steps, bad data);
             its ``checkpoint`` attribute names the last checkpoint, if any.
     """
+    import lightning as L
+
+    from lmim.callbacks import ResumeCheckpoint
+    from lmim.resume import checkpoint_exists
+
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_trainer(cfg)
@@ -260,6 +280,8 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as err:
         fail(str(err))
     except TrainingStoppedError as err:
+        from lightning.pytorch.utilities import rank_zero_only
+
         if rank_zero_only.rank == 0:
             where = getattr(err, "checkpoint", None)
             kept = f" (last checkpoint: {where})" if where else ""
