@@ -82,7 +82,7 @@ def check_strategy(trainer: L.Trainer, module: LocalMIMModule) -> None:
     """Before any process starts: the model's settings work with the trainer's strategy."""
     from lmim.fsdp import FSDP2Strategy
 
-    if isinstance(trainer.strategy, FSDP2Strategy) and getattr(module.net, "batch_decoders", 0):
+    if isinstance(trainer.strategy, FSDP2Strategy) and getattr(module.net, "batch_decoders", False):
         raise ConfigError(
             "model.batch_decoders=true reads all decoders' weights at once, but FSDP gathers "
             "each decoder block's own shard only for that block's forward: use "

@@ -2,7 +2,9 @@
 
 LocalMIM section 2.3. The transformer always runs on the encoder's patch grid; the rescale head
 turns that grid into the tap's target grid (x4: two transposed convs, x2: one, x1: nothing,
-x0.5: average pooling), and a 1x1 conv maps to the target width.
+x0.5: average pooling), and a 1x1 conv maps to the target width. With ``model.batch_decoders``
+the alike decoders of a ViT run their transformer part as one batched block
+(:func:`batched_decoder_tokens`) on their own parameters.
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ class ViTLocalDecoder(nn.Module):
         """
         x = self.embed(x)  # (B, 1 + V, dim)
         x = with_mask_tokens(x, self.mask_token, ids_restore) + self.pos_embed  # (B, 1 + L, dim)
-        return self.head(self.norm(self.blocks(x))[:, 1:])
+        return self.predict(self.norm(self.blocks(x))[:, 1:])
 
-    def head(self, x: torch.Tensor) -> torch.Tensor:
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, dim) decoded patch tokens -> (B, h * w, out_dim) predictions: the rescale head
         and the 1x1 conv."""
         B = x.shape[0]
@@ -278,7 +280,7 @@ def batched_decoder_tokens(
         ids_restore: (B|1, L) from :func:`lmim.models.masking.mask_indices`.
 
     Returns:
-        (T, B, L, dim) decoded patch tokens; ``decoders[t].head`` turns row t into predictions.
+        (T, B, L, dim) decoded patch tokens; ``decoders[t].predict`` turns row t into predictions.
     """
     x = _layer_norm(torch.stack(list(feats)), norms)
     x = _linear(x, [d.embed for d in decoders])

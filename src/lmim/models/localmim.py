@@ -254,7 +254,7 @@ class LocalMIM(nn.Module):
             tokens = batched_decoder_tokens(self.decoders, self.norms, feats, ids_restore)
         for k, name in enumerate(self.tap_names):
             if self.batch_decoders:
-                pred = self.decoders[k].head(tokens[k])
+                pred = self.decoders[k].predict(tokens[k])
             else:
                 pred = self.decoders[k](self.norms[k](feats[k]), ids_restore)
             w = scale_mask(mask, grid, self.scales[k])
