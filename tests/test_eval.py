@@ -253,28 +253,6 @@ def evaluations(pretrained, tmp_path_factory):
                             "trainer.max_epochs=20", *FAST, "logger=wandb"]),
         "no-val": ("lmim.linprobe", [ckpt, "data=imagefolder", f"data.root={no_val}",
                    "data.img_size=32"]),
-    }  # fmt: skip
-    for key, (module, args) in runs.items():
-        (base / key).mkdir()
-        cmds.add(key, module, *args, f"hydra.run.dir={base / key}/run", cwd=base / key)
-    # python -m lmim.export outputs/.../checkpoints/last.ckpt --out vit_b_localmim.pth
-    cmds.add("export", "lmim.export", ckpt.split("=", 1)[1], "--out", f"{base}/enc.pth", cwd=base)
-    cmds.start_all()
-    yield cmds, base, pretrained
-    cmds.stop()
-
-
-@pytest.fixture(scope="module")
-def more_evaluations(pretrained, tmp_path_factory):
-    """Two more of the README's fine-tuning commands (from random weights, on an ImageFolder),
-    for the slow suite: the fast one fine-tunes the checkpoint on Fashion-MNIST."""
-    base = tmp_path_factory.mktemp("more_evals")
-    ckpt = f"checkpoint={pretrained}/checkpoints/last.ckpt"
-    folder = photo_folder(base / "photos", {"train": 8, "val": 4})
-    cmds = Commands(base)
-    fmnist = ["data.train_limit=64", "data.test_limit=64", "data.batch_size=32"]
-    ft = [*FAST, "trainer.max_epochs=1", "trainer.enable_model_summary=false"]
-    runs = {
         # python -m lmim.finetune init_model=vit_tiny data.img_size=32 recipe=small
         "scratch": ("lmim.finetune", ["init_model=vit_tiny", "data.img_size=32", "recipe=small",
                     *fmnist, *ft, "logger=wandb"]),
@@ -285,8 +263,10 @@ def more_evaluations(pretrained, tmp_path_factory):
     for key, (module, args) in runs.items():
         (base / key).mkdir()
         cmds.add(key, module, *args, f"hydra.run.dir={base / key}/run", cwd=base / key)
+    # python -m lmim.export outputs/.../checkpoints/last.ckpt --out vit_b_localmim.pth
+    cmds.add("export", "lmim.export", ckpt.split("=", 1)[1], "--out", f"{base}/enc.pth", cwd=base)
     cmds.start_all()
-    yield cmds, base
+    yield cmds, base, pretrained
     cmds.stop()
 
 
@@ -330,27 +310,23 @@ def test_readme_finetune_loads_every_encoder_weight(evaluations):
     assert printed(proc, "val/top5") >= printed(proc, "val/top1")
 
 
-# Slow (with the ImageFolder fine-tune below), for the fast suite's time: the fast suite
-# fine-tunes the checkpoint (test_readme_finetune_loads_every_encoder_weight).
-@pytest.mark.slow
 @needs_fmnist
-def test_readme_finetune_from_scratch(more_evaluations):
+def test_readme_finetune_from_scratch(evaluations):
     """python -m lmim.finetune init_model=vit_tiny data.img_size=32 recipe=small runs from
     random weights."""
-    proc = more_evaluations[0].result("scratch")
+    proc = evaluations[0].result("scratch")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "init_model=vit_tiny: training from randomly initialised weights" in proc.stdout
     assert printed(proc, "val/top5") >= printed(proc, "val/top1")
-    run = more_evaluations[1] / "scratch" / "run"
+    run = evaluations[1] / "scratch" / "run"
     assert_logged_to_wandb(run, "finetune", printed(proc, "val/top1"))
 
 
-@pytest.mark.slow
 @needs_fmnist
-def test_readme_finetune_on_an_imagefolder(more_evaluations):
+def test_readme_finetune_on_an_imagefolder(evaluations):
     """data=imagefolder: recipe=vit_b fine-tunes on train/ and validates on val/, reporting
     top-1 and top-5."""
-    tune = more_evaluations[0].result("finetune-folder")
+    tune = evaluations[0].result("finetune-folder")
     assert tune.returncode == 0, tune.stderr[-3000:]
     assert "new: fc_norm.bias, fc_norm.weight, head.bias, head.weight" in tune.stdout
     assert printed(tune, "val/top5") >= printed(tune, "val/top1")
