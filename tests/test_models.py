@@ -294,6 +294,34 @@ def test_decoder_heads_structure() -> None:
         assert dec.blocks[0].attn.num_heads == 8
 
 
+@pytest.mark.parametrize("scale", [8, 4, 2, 1, 0.5, 0.25])
+def test_rescale_heads_run_channels_last_as_their_modules_compute(scale: float) -> None:
+    """``rescale_tokens`` (the decoders' channels-last head: Linear + pixel shuffle for each
+    transposed conv) computes what the head's own NCHW modules compute, and the same gradients
+    for the input and every weight, to float32 rounding."""
+    from lmim.models.decoders import rescale_head, rescale_tokens
+
+    torch.manual_seed(0)
+    head, _ = rescale_head(32, scale)
+    with torch.no_grad():  # norms off their init
+        for p in head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 8, 8, 32, requires_grad=True)  # (B, h, w, C)
+    got = rescale_tokens(head, x)
+    want = head(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    weights = [x, *head.parameters()]
+    cot = torch.randn_like(want)
+    (want * cot).sum().backward()
+    grads = [w.grad for w in weights]
+    for w in weights:
+        w.grad = None
+    (got * cot).sum().backward()
+    for g, w in zip(grads, weights, strict=True):
+        torch.testing.assert_close(w.grad, g, rtol=1e-4, atol=1e-5)
+        assert w.grad.stride() == w.stride()  # the weight's own layout
+
+
 def test_decoder_forward_shape() -> None:
     """A decoder maps (B, 1 + V, in_dim) to (B, grid^2 * s^2, out_dim)."""
     torch.manual_seed(0)

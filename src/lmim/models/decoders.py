@@ -2,7 +2,8 @@
 
 LocalMIM section 2.3. The transformer always runs on the encoder's patch grid; the rescale head
 turns that grid into the tap's target grid (x4: two transposed convs, x2: one, x1: nothing,
-x0.5: average pooling), and a 1x1 conv maps to the target width. With ``model.batch_decoders``
+x0.5: average pooling), and a 1x1 conv maps to the target width. The head runs on the tokens'
+channels-last layout (:func:`rescale_tokens`). With ``model.batch_decoders``
 the alike decoders of a ViT run their transformer part as one batched block
 (:func:`batched_decoder_tokens`) on their own parameters.
 """
@@ -30,7 +31,8 @@ def rescale_head(dim: int, scale: float) -> tuple[nn.Module, int]:
 
     x2^k (k >= 1): k stride-2 transposed convs that halve the channels, with channel-LayerNorm and
     GELU between them (x4: ConvT -> LN -> GELU -> ConvT; x2: a single ConvT with no norm or
-    activation). x1: identity. x2^-k: a 2^k x 2^k average pool.
+    activation). x1: identity. x2^-k: a 2^k x 2^k average pool. These modules hold the
+    parameters and define the function; :func:`rescale_tokens` computes it channels-last.
 
     Returns:
         The module and its output channels C.
@@ -137,14 +139,9 @@ class ViTLocalDecoder(nn.Module):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, dim) decoded patch tokens -> (B, h * w, out_dim) predictions: the rescale head
         and the 1x1 conv."""
-        B = x.shape[0]
-        if not isinstance(self.rescale, nn.Identity):
-            h, w = self.grid_size
-            x = x.transpose(1, 2).reshape(B, -1, h, w)  # (B, dim, h, w)
-            x = _rescale(self.rescale, x).flatten(2).transpose(1, 2)  # (B, h * s * w * s, C)
-        # The 1x1 conv is a linear map of each cell's channels: applied to the cells directly,
-        # its weight gradient keeps the weight's layout (a conv on the transposed map returns
-        # a channels-last one, which DDP's gradient buckets must copy, with a warning).
+        h, w = self.grid_size
+        x = rescale_tokens(self.rescale, x.unflatten(1, (h, w))).flatten(1, 2)  # (B, H * W, C)
+        # The 1x1 conv is a linear map of each cell's channels.
         return F.linear(x, self.proj.weight.flatten(1), self.proj.bias)
 
 
@@ -294,14 +291,33 @@ def batched_decoder_tokens(
     return _layer_norm(x, [d.norm for d in decoders])[:, :, 1:]
 
 
-def _rescale(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A rescale head on a (B, C, h, w) map, each transposed conv fed a contiguous input, so that
-    its weight gradient has the weight's own (contiguous) layout on every backend, as DDP's
-    gradient buckets expect (cuDNN follows the input's layout, channels-last here)."""
+def rescale_tokens(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A :func:`rescale_head` on a channels-last (B, h, w, C) map, returned channels-last.
+
+    The same function as the head's own (B, C, h, w) forward, to rounding, without its layout
+    changes: a 2x2 stride-2 transposed conv does not overlap, so it is one Linear from C to the
+    4 x C' outputs of each input pixel (the conv's weight and bias, rearranged) followed by a
+    pixel shuffle; the channel LayerNorm is a LayerNorm over the last dim (what timm's
+    LayerNorm2d computes after its permute); the average pool runs on the channels-last view.
+    All are matmuls and elementwise passes over contiguous tokens (the tensor-core layout on
+    GPUs), and the weights' gradients have the weights' own layout (as DDP's gradient buckets
+    expect).
+    """
     for layer in head if isinstance(head, nn.Sequential) else [head]:
         if isinstance(layer, nn.ConvTranspose2d):
-            x = x.contiguous()
-        x = layer(x)
+            B, h, w, _ = x.shape
+            c = layer.out_channels
+            weight = layer.weight.permute(2, 3, 1, 0).reshape(4 * c, -1)  # (dy, dx, c) x C
+            x = F.linear(x, weight, layer.bias.repeat(4))  # (B, h, w, 2 * 2 * c)
+            x = x.reshape(B, h, w, 2, 2, c).transpose(2, 3).reshape(B, 2 * h, 2 * w, c)
+        elif isinstance(layer, nn.LayerNorm):  # LayerNorm2d: over the channels
+            x = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
+        elif isinstance(layer, nn.AvgPool2d):
+            x = layer(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        elif isinstance(layer, (nn.GELU, nn.Identity)):
+            x = layer(x)
+        else:
+            raise TypeError(f"rescale_tokens: no channels-last form of {type(layer).__name__}")
     return x
 
 
