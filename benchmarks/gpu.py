@@ -12,7 +12,8 @@ Runs, in order of importance, each in its own process with a time limit (what is
 4. model steps (fwd + bwd + fused AdamW, no Lightning, ``benchmarks/throughput.py``): ViT-B,
    ViT-B with its decoders as one batched block (``model.batch_decoders``), Swin-B, ViT-L at
    batch 128 with and without activation checkpointing;
-5. the top kernels of a ViT-B step (``torch.profiler``);
+5. the top kernels of a ViT-B step (``torch.profiler``), and the rescale heads channels-last
+   against their NCHW modules (``benchmarks/heads.py``);
 6. the compiled ones last (compiling takes minutes): ``fit+compile`` (item 1 with
    ``compile.enabled=true``) and the compiled ViT-B model step.
 
@@ -185,6 +186,16 @@ class Session:
             if "top kernels" in r:
                 row["top kernels"] = r["top kernels"]
 
+    def heads(self) -> None:
+        """The rescale heads channels-last against their NCHW modules (benchmarks/heads.py)."""
+        path = self.out / "heads.json"
+        batch, precision = ("4", "32") if self.smoke else ("256", "bf16")
+        cmd = [sys.executable, "benchmarks/heads.py", "--batch", batch, "--precision", precision]
+        row = self.item("heads", [*cmd, "--json", str(path)], need=5 if self.smoke else 20,
+                        limit=self.args.item_s)  # fmt: skip
+        if row is not None and path.exists():
+            row["heads"] = json.loads(path.read_text())
+
     # -- report --------------------------------------------------------------------------
 
     def write(self) -> None:
@@ -228,6 +239,14 @@ class Session:
             cells = [cell(v, c) for v, c in zip(values, cols, strict=True)]
             lines.append("| " + " | ".join(cells) + " |")
         for r in self.rows:
+            if r.get("heads"):
+                lines += ["", "Rescale heads, forward + backward (benchmarks/heads.py):", ""]
+                lines += [
+                    f"- x{h['scale']:g}, batch {h['batch']}, {h['precision']}: NCHW modules "
+                    f"{h['nchw ms']:.2f} ms, channels-last {h['tokens ms']:.2f} ms"
+                    for h in r["heads"]
+                ]
+        for r in self.rows:
             if r.get("top kernels"):
                 lines += ["", f"Top kernels of {r['item']}:", ""]
                 lines += [
@@ -269,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     s.step("step vit_l", "vit_l", 128)
     s.step("step vit_l+ckpt", "vit_l", 128, "--grad-checkpointing")
     s.step("profile vit_b", "vit_b", 256, "--profile", "15")
+    s.heads()
     s.fit("fit+compile", *compiled, limit=300)
     if not args.smoke:  # inductor on a CPU takes minutes even for the toy model
         s.step("step vit_b+compile", "vit_b", 256, "--compile", limit=240)

@@ -159,12 +159,13 @@ def test_gpu_session_script_dry_run(tmp_path):
     rows = {r["item"]: r for r in report["rows"]}
     assert set(rows) == {
         "fit", "fit mae", "syncs", "step vit_b", "step vit_b+batched", "step swin_b",
-        "step vit_l", "step vit_l+ckpt", "profile vit_b", "fit+compile",
+        "step vit_l", "step vit_l+ckpt", "profile vit_b", "heads", "fit+compile",
     }  # fmt: skip
     assert all(r["status"] == "ok" for r in rows.values()), rows
     assert rows["syncs"]["syncs/step"] == 0
-    assert all(rows[k]["img/s"] > 0 for k in rows if k != "syncs")
+    assert all(rows[k]["img/s"] > 0 for k in rows if k not in ("syncs", "heads"))
     assert rows["profile vit_b"]["top kernels"]
+    assert [h["scale"] for h in rows["heads"]["heads"]] == [4, 2, 0.5]
     assert "| fit | ok |" in (tmp_path / "gpu.md").read_text()
 
 
