@@ -189,8 +189,9 @@ class Session:
     def heads(self) -> None:
         """The rescale heads channels-last against their NCHW modules (benchmarks/heads.py)."""
         path = self.out / "heads.json"
-        batch, precision = ("4", "32") if self.smoke else ("256", "bf16")
-        cmd = [sys.executable, "benchmarks/heads.py", "--batch", batch, "--precision", precision]
+        sizes = ["vit_test", "4", "32"] if self.smoke else ["vit_b", "256", "bf16"]
+        cmd = [sys.executable, "benchmarks/heads.py"]
+        cmd += [f"--{k}={v}" for k, v in zip(("model", "batch", "precision"), sizes, strict=True)]
         row = self.item("heads", [*cmd, "--json", str(path)], need=5 if self.smoke else 20,
                         limit=self.args.item_s)  # fmt: skip
         if row is not None and path.exists():

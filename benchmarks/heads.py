@@ -1,10 +1,11 @@
 """The decoders' rescale heads, forward + backward: channels-last on the tokens (what lmim runs,
 ``lmim.models.decoders.rescale_tokens``) against the heads' own NCHW modules (what lmim ran
 before issue 13: the tokens transposed to a map, each transposed conv fed a contiguous input,
-the map transposed back for the 1x1 projection). Same modules and weights for both; prints the
-median time per call and the largest difference of the outputs. Examples:
+the map transposed back for the 1x1 projection). The heads are those of a pre-training model
+(its taps' scales, decoder width and target width); the same modules and weights run both
+ways. Prints the median time per call and the largest difference of the outputs. Examples:
 
-    python benchmarks/heads.py                                   # CPU, ViT-B width, batch 8
+    python benchmarks/heads.py                                   # CPU, ViT-B's heads, batch 8
     python benchmarks/heads.py --batch 256 --precision bf16      # GPU
 
 ``--json`` writes the rows to a file; ``benchmarks/gpu.py`` collects them for one GPU session.
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmim import create_pretrainer
 from lmim.models.decoders import ViTLocalDecoder, rescale_tokens
 
 
@@ -69,11 +71,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--model", default="vit_b", help="a ViT config of conf/model")
+    p.add_argument("--target", default="hog")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--dim", type=int, default=256, help="decoder width (LocalMIM: 256)")
-    p.add_argument("--grid", type=int, default=14, help="patch grid side (224 / 16)")
-    p.add_argument("--scales", default="4,2,0.5", help="the taps' scales (ViT: 4, 2, 1, 0.5)")
-    p.add_argument("--out-dim", type=int, default=27, help="target width (HOG-9: 27)")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--device", default="auto")
@@ -83,12 +83,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
     dtype = torch.bfloat16 if args.precision == "bf16" else None
+    torch.manual_seed(0)
+    net = create_pretrainer(args.model, args.target).to(device)
     rows = []
-    for scale in [float(s) for s in args.scales.split(",")]:
-        torch.manual_seed(0)
-        dec = ViTLocalDecoder(args.dim, args.out_dim, (args.grid, args.grid), scale, dim=args.dim)
-        dec = dec.to(device)
-        x = torch.randn(args.batch, args.grid**2, args.dim, device=device, requires_grad=True)
+    for dec in net.decoders:
+        if isinstance(dec.rescale, nn.Identity):  # nothing to rescale at x1
+            continue
+        tokens = dec.grid_size[0] * dec.grid_size[1]
+        x = torch.randn(args.batch, tokens, dec.embed.out_features, device=device)
+        x.requires_grad_(True)
         out, times = {}, {}
         for name, predict in (("nchw", nchw_predict), ("tokens", tokens_predict)):
             call = partial(step, predict, dec, x, dtype)
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             times[name] = median_ms(call, args.steps, device)
         rows.append(
             {
-                "scale": scale,
+                "scale": dec.scale,
                 "batch": args.batch,
                 "precision": args.precision,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -47,6 +47,19 @@ def test_cli_fit_syncs_on_logging_steps_only(tmp_path):
     assert "host synchronisations: " in done.stderr + done.stdout
 
 
+def test_readme_sync_check_runs_as_written(tmp_path):
+    """The README's sync-check line, word for word, in an empty folder: it runs its 20 steps
+    to the end (strict: no synchronisation outside the expected steps) and writes its report."""
+    readme = (ROOT / "README.md").read_text().splitlines()
+    (line,) = [ln for ln in readme if ln.startswith("python -m lmim.train") and "sync_check" in ln]
+    done = cli(*line.split()[3:], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("outputs/*/runs/*/host_syncs.json")
+    report = json.loads(path.read_text())
+    assert len(report["per_step"]) == 20 and report["unexpected"] == []
+    assert report["summary"]["host_syncs_per_other_step"] == 0
+
+
 def test_host_skip_mode_syncs_every_step_and_strict_names_it(make_cfg, tmp_path):
     """A non-fused optimizer decides the non-finite skip on the host: the counter sees that
     read (lmim/module.py) on every step, and ``strict`` stops at the first, naming it."""
@@ -123,6 +136,23 @@ def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg):
     _, module = build(eager)
     assert names == set(module.state_dict())
     assert all("_orig_mod" not in n for n in names)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["callbacks.last_checkpoint.check_every_n_steps=0"], "last_checkpoint"),
+        (["callbacks=budget", "callbacks.budget.check_every_n_steps=0"], "budget"),
+    ],
+)
+def test_check_intervals_are_checked(make_cfg, overrides, key):
+    """``check_every_n_steps`` of the signal agreement and of the budget points: 0 is refused,
+    naming the key and what it may be."""
+    from lmim.utils import build_callbacks
+
+    cfg = make_cfg(overrides)
+    with pytest.raises(ConfigError, match=rf"callbacks\.{key}\.check_every_n_steps=0 must be >= 1"):
+        build_callbacks(cfg.callbacks)
 
 
 def test_compile_settings_are_checked():

@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lmim.callbacks.final_step import check_interval, checks_this_step
 from lmim.callbacks.perf import PerfMonitor
 from lmim.errors import ConfigError
 
@@ -54,12 +55,9 @@ class BudgetCheckpoints(L.Callback):
         self.dirpath = Path(dirpath)
         self.minutes = points
         self.stop_at_last = stop_at_last
-        if check_every_n_steps is not None and int(check_every_n_steps) < 1:
-            raise ConfigError(
-                f"callbacks.budget.check_every_n_steps={check_every_n_steps} must be >= 1, or "
-                "null (trainer.log_every_n_steps)"
-            )
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = check_interval(
+            "callbacks.budget.check_every_n_steps", check_every_n_steps
+        )
         self.saved: list[dict] = []
         self._next = 0
         self._t0: float | None = None
@@ -102,8 +100,7 @@ class BudgetCheckpoints(L.Callback):
         some processes only would deadlock."""
         reached = self._hours() * 60.0 >= minutes
         if trainer.world_size > 1 and torch.distributed.is_initialized():
-            every = self.check_every_n_steps or max(1, int(trainer.log_every_n_steps))
-            if trainer.global_step % every:
+            if not checks_this_step(trainer, self.check_every_n_steps):
                 return False
             flag = torch.tensor([reached], dtype=torch.uint8, device=device)
             torch.distributed.broadcast(flag, src=0)

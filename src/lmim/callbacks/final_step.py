@@ -1,10 +1,14 @@
-"""Log the last optimizer step of a run, whatever ``trainer.log_every_n_steps`` is."""
+"""Which steps do what: the last optimizer step of a run is logged whatever
+``trainer.log_every_n_steps`` is; metrics are computed only on the steps Lightning writes; the
+processes of a run agree (signals, budget points) every ``check_every_n_steps``."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
+
+from lmim.errors import ConfigError
 
 
 def is_final_step(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -35,6 +39,24 @@ def logs_this_batch(trainer: L.Trainer, batch_idx: int) -> bool:
     return (
         trainer.global_step % every == 0 or trainer.should_stop or is_final_step(trainer, batch_idx)
     )
+
+
+def check_interval(key: str, every: int | None) -> int | None:
+    """A callback's ``check_every_n_steps`` setting: None (``trainer.log_every_n_steps``) or a
+    positive number of optimizer steps."""
+    if every is not None and int(every) < 1:
+        raise ConfigError(
+            f"{key}={every} must be >= 1 (optimizer steps between the processes' checks), or "
+            "null (trainer.log_every_n_steps)"
+        )
+    return None if every is None else int(every)
+
+
+def checks_this_step(trainer: L.Trainer, every: int | None) -> bool:
+    """Whether the processes check together after this optimizer step: every ``every`` steps
+    (None: ``trainer.log_every_n_steps``). The collective is a synchronisation with the device
+    under NCCL, so it does not run on every step."""
+    return trainer.global_step % (every or max(1, int(trainer.log_every_n_steps))) == 0
 
 
 class FinalStepLog(L.Callback):

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lmim.callbacks.final_step import check_interval, checks_this_step
 from lmim.errors import ConfigError, PreemptedError
 from lmim.resume import remove_stale_temp_files
 
@@ -89,12 +90,9 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         self.signals = [_signal_number(s) for s in signals]
         self.requeue = bool(requeue)
-        if check_every_n_steps is not None and int(check_every_n_steps) < 1:
-            raise ConfigError(
-                f"callbacks.last_checkpoint.check_every_n_steps={check_every_n_steps} must be "
-                ">= 1 (optimizer steps between checks for a signal), or null"
-            )
-        self.check_every_n_steps = check_every_n_steps
+        self.check_every_n_steps = check_interval(
+            "callbacks.last_checkpoint.check_every_n_steps", check_every_n_steps
+        )
         self._received: int | None = None
         self._previous_handlers: dict[int, Any] = {}
         self._patched_loop: Any = None
@@ -177,10 +175,8 @@ class ResumeCheckpoint(ModelCheckpoint):
         )
         if not stepped or trainer.fast_dev_run:
             return
-        if trainer.world_size > 1:
-            every = self.check_every_n_steps or max(1, int(trainer.log_every_n_steps))
-            if trainer.global_step % every:
-                return
+        if trainer.world_size > 1 and not checks_this_step(trainer, self.check_every_n_steps):
+            return
         signum = self._agreed_signal(trainer, pl_module.device)
         if not signum:
             return

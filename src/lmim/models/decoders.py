@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,12 +163,11 @@ def with_mask_tokens(
 # -- the alike decoders of a ViT as one batched block (model.batch_decoders) -----------------------
 
 
-def check_batchable(decoders: Sequence[nn.Module], norms: Sequence[nn.LayerNorm]) -> None:
-    """Raise a ConfigError unless :func:`batched_decoder_tokens` computes exactly what the
-    decoders compute one by one: ViT decoders of one shape (input and decoder width, depth,
-    heads, MLP, grid) whose blocks are plain timm Blocks (no layer scale, drop path, dropout,
-    q/k norm or gate), and tap norms of one width and eps."""
-    fix = "or model.batch_decoders=false"
+def check_batchable(decoders: Sequence[nn.Module]) -> None:
+    """Raise a ConfigError unless :func:`batched_decoder_tokens` can run ``decoders``: several
+    ViT decoders of one width and one head count per block (what a per-tap
+    ``model.decoder_dim`` or ``model.decoder_heads`` list could make differ; the rest of their
+    shape comes from the encoder and from settings shared by all taps)."""
     if len(decoders) < 2:
         raise ConfigError(
             f"model.batch_decoders=true batches several decoders; this model has {len(decoders)}: "
@@ -182,48 +180,17 @@ def check_batchable(decoders: Sequence[nn.Module], norms: Sequence[nn.LayerNorm]
                 f"this model's are {type(d).__name__}, whose widths and grids differ per tap: "
                 "use model.batch_decoders=false"
             )
-
-    def shape(k: int) -> dict[str, Any]:
-        d, n = decoders[k], norms[k]
-        blocks = [
-            (b.attn.num_heads, b.attn.qkv.out_features, b.mlp.fc1.out_features) for b in d.blocks
-        ]
-        return {
-            "tap width": (n.normalized_shape, n.eps),
-            "model.decoder_dim": d.embed.out_features,
-            "model.decoder_heads / decoder_depth / decoder_mlp_ratio": blocks,
-            "patch grid": d.grid_size,
-        }
-
-    first = shape(0)
-    for k in range(1, len(decoders)):
-        for key, value in shape(k).items():
-            if value != first[key]:
+    shapes = {
+        "model.decoder_dim": [d.embed.out_features for d in decoders],
+        "model.decoder_heads": [[b.attn.num_heads for b in d.blocks] for d in decoders],
+    }
+    for key, values in shapes.items():
+        for k, value in enumerate(values):
+            if value != values[0]:
                 raise ConfigError(
                     f"model.batch_decoders=true needs decoders of one shape, but {key} is "
-                    f"{value} at tap {k} and {first[key]} at tap 0: give it one value {fix}"
-                )
-    for k, d in enumerate(decoders):
-        for j, b in enumerate(d.blocks):
-            plain = (
-                all(isinstance(m, nn.Identity) for m in (b.ls1, b.ls2, b.drop_path1, b.drop_path2))
-                and all(isinstance(m, nn.Identity) for m in (b.attn.q_norm, b.attn.k_norm))
-                and isinstance(getattr(b.attn, "norm", nn.Identity()), nn.Identity)
-                and getattr(b.attn, "gate", None) is None
-                and isinstance(b.mlp.norm, nn.Identity)
-                and isinstance(b.mlp.act, nn.GELU)
-                and b.mlp.act.approximate == "none"
-                and all(
-                    m.p == 0 for m in (b.attn.attn_drop, b.attn.proj_drop, b.mlp.drop1, b.mlp.drop2)
-                )
-                and all(
-                    lin.bias is not None for lin in (b.attn.qkv, b.attn.proj, b.mlp.fc1, b.mlp.fc2)
-                )
-            )
-            if not plain:
-                raise ConfigError(
-                    f"model.batch_decoders=true: block {j} of the decoder of tap {k} is not the "
-                    f"plain timm Block the batched path computes: use model.batch_decoders=false"
+                    f"{value} at tap {k} and {values[0]} at tap 0: give it one value or "
+                    "model.batch_decoders=false"
                 )
 
 
@@ -295,21 +262,24 @@ def rescale_tokens(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A :func:`rescale_head` on a channels-last (B, h, w, C) map, returned channels-last.
 
     The same function as the head's own (B, C, h, w) forward, to rounding, without its layout
-    changes: a 2x2 stride-2 transposed conv does not overlap, so it is one Linear from C to the
-    4 x C' outputs of each input pixel (the conv's weight and bias, rearranged) followed by a
-    pixel shuffle; the channel LayerNorm is a LayerNorm over the last dim (what timm's
-    LayerNorm2d computes after its permute); the average pool runs on the channels-last view.
+    changes: a transposed conv whose stride is its kernel (2x2 here) does not overlap, so it is
+    one Linear from C to the kh x kw x C' outputs of each input pixel (the conv's weight and
+    bias, rearranged) followed by a pixel shuffle; the channel LayerNorm is a LayerNorm over
+    the last dim (what timm's LayerNorm2d computes after its permute); the average pool runs on
+    the channels-last view.
     All are matmuls and elementwise passes over contiguous tokens (the tensor-core layout on
     GPUs), and the weights' gradients have the weights' own layout (as DDP's gradient buckets
     expect).
     """
     for layer in head if isinstance(head, nn.Sequential) else [head]:
         if isinstance(layer, nn.ConvTranspose2d):
+            (kh, kw), c = layer.kernel_size, layer.out_channels
+            if layer.stride != (kh, kw) or layer.padding != (0, 0):
+                raise TypeError("rescale_tokens: a transposed conv whose kernels overlap")
             B, h, w, _ = x.shape
-            c = layer.out_channels
-            weight = layer.weight.permute(2, 3, 1, 0).reshape(4 * c, -1)  # (dy, dx, c) x C
-            x = F.linear(x, weight, layer.bias.repeat(4))  # (B, h, w, 2 * 2 * c)
-            x = x.reshape(B, h, w, 2, 2, c).transpose(2, 3).reshape(B, 2 * h, 2 * w, c)
+            weight = layer.weight.permute(2, 3, 1, 0).reshape(kh * kw * c, -1)  # (dy, dx, c) x C
+            x = F.linear(x, weight, layer.bias.repeat(kh * kw))  # (B, h, w, kh * kw * c)
+            x = x.reshape(B, h, w, kh, kw, c).transpose(2, 3).reshape(B, kh * h, kw * w, c)
         elif isinstance(layer, nn.LayerNorm):  # LayerNorm2d: over the channels
             x = F.layer_norm(x, layer.normalized_shape, layer.weight, layer.bias, layer.eps)
         elif isinstance(layer, nn.AvgPool2d):

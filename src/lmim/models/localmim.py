@@ -171,7 +171,7 @@ class LocalMIM(nn.Module):
         )
         self.batch_decoders = bool(batch_decoders)
         if self.batch_decoders:
-            check_batchable(self.decoders, self.norms)
+            check_batchable(self.decoders)
 
     @property
     def num_patches(self) -> int:
