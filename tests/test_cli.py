@@ -129,12 +129,13 @@ def test_mistyped_key_or_option_is_one_line(commands, key):
     assert not (base / key / "run").exists()
 
 
-def test_train_composes_before_importing_lightning():
-    """What ``python -m lmim.train`` runs before Hydra composes the config (the module's own
+@pytest.mark.parametrize("module", ["train", "finetune", "linprobe", "report"])
+def test_entry_point_answers_before_importing_lightning(module):
+    """What ``python -m lmim.<module>`` runs before it parses its arguments (the module's own
     imports) imports neither Lightning nor torch, timm or W&B: a mistyped key, ``--help`` and
     ``--cfg`` answer without their ~5 s of imports."""
     heavy = ("lightning", "torch", "timm", "wandb")
-    code = f"import sys, lmim.train; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, lmim.{module}; print([m for m in {heavy!r} if m in sys.modules])"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=cli_env(), timeout=120
     )

@@ -33,6 +33,31 @@ def test_fast_dev_run(make_cfg):
     assert result["metrics"]["train/loss"] == pytest.approx(sum(taps), rel=1e-6)  # unweighted
 
 
+def test_matmul_precision_reaches_torch_and_a_bad_one_stops_every_entry_point(make_cfg, tmp_path):
+    """``matmul_precision=high`` is torch's float32 matmul precision in the run; a value torch
+    does not have stops train, finetune and linprobe before they build or write anything."""
+    import torch
+
+    from lmim.errors import ConfigError
+    from lmim.finetune import finetune
+    from lmim.linprobe import linprobe
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        probe = ["init_model=vit_test"]
+        for run, name, args in ((train, "train", TINY), (finetune, "finetune", probe),
+                                (linprobe, "linprobe", probe)):  # fmt: skip
+            cfg = make_cfg([*args, "matmul_precision=fast"], config_name=name)
+            with pytest.raises(ConfigError, match="matmul_precision=fast: use one of highest, "):
+                run(cfg)
+        assert not (tmp_path / "run").exists()
+        assert torch.get_float32_matmul_precision() == before == "highest"
+        train(make_cfg([*TINY, "debug=fdr", "matmul_precision=high"]))
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 @pytest.mark.parametrize(
     ("every", "final_step", "logged"),
     [(2, True, ["1", "2"]), (3, True, ["2"]), (2, False, ["1"])],

@@ -9,28 +9,26 @@ split (ImageFolder ``train/`` and ``val/`` class folders, Fashion-MNIST's traini
 sets, or the demo photos' crops) in the recipe's evaluation view (``finetune.eval_crop_pct``:
 resize 256, centre crop 224). ``val/top1`` and, with at least 5 classes, ``val/top5`` are the
 validation accuracies (torchmetrics).
+The LightningModule is :class:`lmim.classifiers.FinetuneModule`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from omegaconf import DictConfig
-from PIL import Image
-from timm.data import Mixup, create_transform
-from timm.data.auto_augment import posterize as timm_posterize
-from timm.loss import SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from torch import nn
-from torch.utils.data import DataLoader
 
 from lmim.cli import hydra_entry
 from lmim.errors import ConfigError
-from lmim.evaluation import accuracy_metrics, fit_metrics, labelled_datamodule, run_entry_point
-from lmim.export import encoder_state_dict, load_pretrainer, timm_model
-from lmim.module import warmup_cosine
+from lmim.utils import set_matmul_precision
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import nn
+
+# torch, timm, Lightning and the model are imported by the functions that use them: Hydra
+# composes (and answers --help or a mistyped key) before any of them is loaded.
 
 log = logging.getLogger("lmim")
 
@@ -48,7 +46,10 @@ def build_classifier(
         The model and the load report: ``missing`` (new: head, fc_norm / final norm) and
         ``unexpected`` (dropped) keys.
     """
+    from torch import nn
+
     from lmim import create_pretrainer
+    from lmim.export import encoder_state_dict, load_pretrainer, timm_model
 
     if checkpoint:
         net = load_pretrainer(checkpoint)
@@ -84,6 +85,9 @@ def build_classifier(
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    from PIL import Image
+    from timm.data.auto_augment import posterize as timm_posterize
+
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)  # what Pillow < 11 gave for 0 bits: all black
     return timm_posterize(img, bits_to_keep)
@@ -107,84 +111,16 @@ def pillow_safe_posterize(transform) -> int:
     return changed
 
 
-class FinetuneModule(L.LightningModule):
-    """Supervised fine-tuning with the LocalMIM/MAE recipe, built from timm's parts.
-
-    Args:
-        model: the timm classifier.
-        num_classes: classes.
-        blr: base lr; lr = blr x global batch / 256.
-        min_lr: end of the cosine.
-        warmup_epochs: per-step linear warm-up.
-        weight_decay: AdamW weight decay (not on 1-D parameters, pos_embed, cls_token).
-        layer_decay: layer-wise lr decay (timm's layer grouping).
-        mixup: timm Mixup keyword arguments (None disables Mixup/CutMix).
-        smoothing: label smoothing (with or without Mixup).
-        batch_size: images per device, for the lr scaling.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        num_classes: int,
-        blr: float = 5e-4,
-        min_lr: float = 1e-6,
-        warmup_epochs: float = 5,
-        weight_decay: float = 0.05,
-        layer_decay: float = 0.65,
-        mixup: dict | None = None,
-        smoothing: float = 0.1,
-        batch_size: int = 128,
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.batch_size = batch_size
-        self.blr, self.min_lr, self.warmup_epochs = blr, min_lr, warmup_epochs
-        self.weight_decay, self.layer_decay = weight_decay, layer_decay
-        self.mixup = (
-            Mixup(**mixup, label_smoothing=smoothing, num_classes=num_classes) if mixup else None
-        )
-        self.train_loss = (
-            SoftTargetCrossEntropy()
-            if self.mixup
-            else nn.CrossEntropyLoss(label_smoothing=smoothing)
-        )
-        self.val_metrics = accuracy_metrics(num_classes)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        if self.mixup is not None:
-            x, y = self.mixup(x, y)
-        loss = self.train_loss(self.model(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.model(x)
-        for name, metric in self.val_metrics.items():
-            metric.update(logits, y)
-            self.log(f"val/{name}", metric, prog_bar=name == "top1")
-
-    def configure_optimizers(self):
-        accum = self.trainer.accumulate_grad_batches
-        global_batch = self.batch_size * self.trainer.world_size * accum
-        lr = self.blr * global_batch / 256
-        opt = create_optimizer_v2(
-            self.model, "adamw", lr=lr, weight_decay=self.weight_decay, layer_decay=self.layer_decay
-        )
-        total = int(self.trainer.estimated_stepping_batches)
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs))
-        return warmup_cosine(opt, total, int(round(self.warmup_epochs * per_epoch)), self.min_lr)
-
-    def lr_scheduler_step(self, scheduler, metric=None) -> None:
-        scheduler.step_update(num_updates=self.global_step)
-
-
 def finetune(cfg: DictConfig) -> dict[str, Any]:
     """Build the classifier and data, fine-tune, return the validation accuracies (``val/top1``,
     ``val/top5`` with at least 5 classes) and the weight-loading report."""
+    from timm.data import create_transform
+    from torch.utils.data import DataLoader
+
+    from lmim.classifiers import FinetuneModule
+    from lmim.evaluation import fit_metrics, labelled_datamodule
+
+    set_matmul_precision(cfg.get("matmul_precision"))
     dm = labelled_datamodule(cfg)
     f = cfg.finetune
     model, report = build_classifier(
@@ -239,6 +175,8 @@ def finetune(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra_entry("finetune")
 def main(cfg: DictConfig) -> float:
+    from lmim.evaluation import run_entry_point
+
     return run_entry_point(finetune, cfg)
 
 

@@ -5,28 +5,25 @@ with nothing masked, from the ``data`` group's labelled ``train`` and ``val`` sp
 evaluation view (ImageFolder: resize 256, centre crop 224), then a linear classifier behind a
 BatchNorm without affine parameters (MAE's protocol) is trained on them with a real Lightning
 Trainer; ``val/top1`` (and ``val/top5`` with at least 5 classes) is the validation accuracy.
+The LightningModule is :class:`lmim.classifiers.LinearProbe`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
 from omegaconf import DictConfig
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from lmim.cli import hydra_entry
 from lmim.errors import ConfigError
-from lmim.evaluation import (
-    accuracy_metrics,
-    extract_features,
-    fit_metrics,
-    labelled_datamodule,
-    run_entry_point,
-)
+from lmim.utils import set_matmul_precision
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# torch, Lightning and the model are imported by the functions that use them: Hydra composes
+# (and answers --help or a mistyped key) before any of them is loaded.
 
 log = logging.getLogger("lmim")
 
@@ -59,46 +56,15 @@ def load_encoder(checkpoint: str | None, init_model: str | None, img_size: int) 
     return create_pretrainer(init_model, img_size=img_size).encoder
 
 
-class LinearProbe(L.LightningModule):
-    """BatchNorm (no affine) + Linear on frozen features.
-
-    Args:
-        dim: feature width.
-        num_classes: classes.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-    """
-
-    def __init__(self, dim: int, num_classes: int, lr: float = 1e-3, weight_decay: float = 0.0):
-        super().__init__()
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
-        nn.init.zeros_(self.head[1].bias)
-        self.lr, self.weight_decay = lr, weight_decay
-        self.val_metrics = accuracy_metrics(num_classes)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self.head(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.head(x)
-        for name, metric in self.val_metrics.items():
-            metric.update(logits, y)
-            self.log(f"val/{name}", metric, prog_bar=name == "top1")
-
-    def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.trainer.max_epochs)
-        return [opt], [sched]
-
-
 def linprobe(cfg: DictConfig) -> dict[str, Any]:
     """Extract features, train the probe, return the validation accuracies (``val/top1``,
     ``val/top5`` with at least 5 classes) and the split sizes."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lmim.classifiers import LinearProbe
+    from lmim.evaluation import extract_features, fit_metrics, labelled_datamodule
+
+    set_matmul_precision(cfg.get("matmul_precision"))
     dm = labelled_datamodule(cfg)
     encoder = load_encoder(cfg.checkpoint, cfg.init_model, cfg.data.img_size)
     p = cfg.probe
@@ -117,6 +83,8 @@ def linprobe(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra_entry("linprobe")
 def main(cfg: DictConfig) -> float:
+    from lmim.evaluation import run_entry_point
+
     return run_entry_point(linprobe, cfg)
 
 

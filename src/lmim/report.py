@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmim.callbacks.perf import DEVICE_HOURS
 from lmim.wandb_file import WandbFileError, read_wandb_file
 
 LABEL_KEYS = ("method", "model", "target", "schedule", "budget")
 LOSS_KEY = "train/loss"
+# The x axis: what lmim.callbacks.PerfMonitor logs (defined here, so that this module imports
+# neither Lightning nor torch).
+DEVICE_HOURS = "perf/device_hours"
 # Evaluation keys tried, in order, when --acc is not given.
 ACC_PATTERN = re.compile(r"^(eval|val|test|probe|knn|linear)[^/]*/.*(top1|top-1|acc|accuracy)$")
 

@@ -30,6 +30,7 @@ from lmim.utils import (
     build_loggers,
     finish_wandb,
     instantiate_checked,
+    set_matmul_precision,
     to_container,
     wandb_run_id,
 )
@@ -223,6 +224,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     check_trainer(cfg)
+    set_matmul_precision(cfg.get("matmul_precision"))
     datamodule, module = build(cfg)
     callbacks = build_callbacks(cfg.get("callbacks"))
     keeper = next((cb for cb in callbacks if isinstance(cb, ResumeCheckpoint)), None)

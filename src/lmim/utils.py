@@ -181,6 +181,31 @@ def _unknown_setting(node: DictConfig, err: Exception, cause: TypeError) -> Conf
     )
 
 
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def set_matmul_precision(value: str | None) -> None:
+    """``torch.set_float32_matmul_precision`` from the ``matmul_precision`` config key.
+
+    Args:
+        value: ``highest`` (float32 matmuls in float32), ``high`` (TF32 tensor cores on NVIDIA
+            GPUs from Ampere on, or bf16x3), ``medium`` (bf16); None leaves torch's setting.
+
+    Raises:
+        ConfigError: another value.
+    """
+    if value is None:
+        return
+    if value not in MATMUL_PRECISIONS:
+        raise ConfigError(
+            f"matmul_precision={value}: use one of {', '.join(MATMUL_PRECISIONS)}, or null "
+            "(torch's own setting)"
+        )
+    import torch
+
+    torch.set_float32_matmul_precision(value)
+
+
 def wandb_has_key() -> bool:
     """True when W&B can log online: an API key in the environment or in ~/.netrc."""
     if os.environ.get("WANDB_API_KEY"):

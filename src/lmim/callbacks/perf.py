@@ -21,10 +21,10 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from lmim.callbacks.final_step import logs_this_batch
+from lmim.report import DEVICE_HOURS
 
 log = logging.getLogger("lmim")
 
-DEVICE_HOURS = "perf/device_hours"
 
 # Dense (no structured sparsity) peak TFLOP/s of one device, from NVIDIA's datasheets, for the
 # precision the matmuls run in: "bf16" (bf16/fp16 tensor cores with fp32 accumulation), "tf32" and
