@@ -138,6 +138,35 @@ def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg):
     assert all("_orig_mod" not in n for n in names)
 
 
+def step_losses(folder: Path) -> list[float]:
+    import csv
+
+    (path,) = folder.glob("**/metrics.csv")
+    with open(path) as f:
+        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+# Slow: inductor's C++ compile of the forward and backward takes about a minute on 2 cores.
+@pytest.mark.slow
+def test_inductor_compiled_cli_fit_trains_like_eager(tmp_path):
+    """``compile.enabled=true`` with the default backend (inductor: C++ here, Triton on a GPU,
+    what ``gpu.sh``'s ``fit+compile`` runs) compiles the training forward and backward, and
+    the losses of 4 steps are the eager run's to float32 rounding."""
+    keep = [
+        o
+        for o in TEN_STEPS
+        if not o.startswith(("callbacks=", "trainer.log_every", "trainer.max_steps"))
+    ]
+    args = [*keep, "trainer.log_every_n_steps=1", "trainer.max_steps=4"]
+    runs = {}
+    for name, extra in (("eager", []), ("inductor", ["compile.enabled=true"])):
+        done = cli(*args, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = step_losses(tmp_path / name)
+    assert len(runs["eager"]) == 4
+    assert runs["inductor"] == pytest.approx(runs["eager"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [
