@@ -214,3 +214,13 @@ def test_error_after_a_progress_bar_starts_its_own_line(commands):
     assert "Epoch 0" in out  # the bar was drawn
     assert re.search(r"(^|\n)lmim: stopped: .*data\.max_skipped_share=0\.01", out), out[-3000:]
     assert not re.search(r"[^\n]lmim: stopped:", out), out[-3000:]
+
+
+def test_lightning_lines_are_printed_once(commands):
+    """Lightning's own lines (the seed, the devices) reach the console once, not a second time
+    through Hydra's console handler, and still reach the run's log file."""
+    cmds, base = commands
+    out = cmds.result("bar").stdout
+    assert out.count("Seed set to 0") == 1, out[-3000:]
+    assert out.count("GPU available:") == 1, out[-3000:]
+    assert "Seed set to 0" in (base / "bar" / "run" / "train.log").read_text()

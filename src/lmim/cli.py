@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import logging
 import os
 import re
 import sys
@@ -34,6 +35,24 @@ from omegaconf.errors import OmegaConfBaseException
 from lmim.errors import ConfigError
 
 PREFIX = "lmim: error: "
+
+
+class SkipLogger(logging.Filter):
+    """Drops the records of one logger and its children.
+
+    Hydra's console handler takes it for ``lightning`` (``conf/hydra/default.yaml``): the
+    ``lightning`` package gives its logger a console handler of its own at import and lets its
+    records reach the root logger too, so each Lightning line would be printed twice. Hydra's
+    log file still gets them.
+    """
+
+    def __init__(self, logger: str) -> None:
+        super().__init__()
+        self.logger = logger
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        return not (name == self.logger or name.startswith(self.logger + "."))
 
 
 def end_progress_bars() -> None:
