@@ -129,7 +129,9 @@ def test_mistyped_key_or_option_is_one_line(commands, key):
     assert not (base / key / "run").exists()
 
 
-@pytest.mark.parametrize("module", ["train", "finetune", "linprobe", "report"])
+@pytest.mark.parametrize(
+    "module", ["train", "finetune", "linprobe", "report", "analyze", "codebook", "export"]
+)
 def test_entry_point_answers_before_importing_lightning(module):
     """What ``python -m lmim.<module>`` runs before it parses its arguments (the module's own
     imports) imports neither Lightning nor torch, timm or W&B: a mistyped key, ``--help`` and

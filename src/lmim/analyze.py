@@ -16,19 +16,26 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig
 
 from lmim.cli import hydra_entry
 from lmim.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, timm and the models are imported by the functions that use them: Hydra composes (and
+# answers --help or a mistyped key) before any of them is loaded.
 
 log = logging.getLogger("lmim")
 
 
 def val_images(cfg: DictConfig) -> torch.Tensor:
     """The first ``num_images`` images of the data group's val split (eval transform)."""
+    import torch
+
     from lmim.evaluation import labelled_datamodule
 
     dm = labelled_datamodule(cfg)
@@ -45,6 +52,7 @@ def load_export(path: str, timm_model: str | None, img_size: int) -> torch.nn.Mo
     """An encoder exported by ``lmim.export`` (a timm state dict), loaded strictly into
     ``timm.create_model(timm_model)`` at ``img_size``."""
     import timm
+    import torch
 
     if not timm_model:
         raise ConfigError(
@@ -82,6 +90,8 @@ def analysable(net: torch.nn.Module) -> torch.nn.Module:
     model its weights export to, loaded strictly, with the encoder's LayerNorm epsilon
     (``norm_eps``), so that it computes the same function."""
     from functools import partial
+
+    import torch
 
     from lmim.export import encoder_state_dict, timm_model
 

@@ -19,18 +19,24 @@ dead codes, printed at the end.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lmim.cli import hydra_entry
 from lmim.errors import ConfigError
-from lmim.targets.codebook import BASES, FORMAT, assign, make_base, usage
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and the targets are imported by the functions that use them: Hydra composes (and
+# answers --help or a mistyped key) before either is loaded.
 
 
 def objective(cells: torch.Tensor, codes: torch.Tensor, chunk: int = 65536) -> float:
     """Mean squared distance of the cells to their nearest code."""
+    from lmim.targets.codebook import assign
+
     total = 0.0
     for i in range(0, cells.shape[0], chunk):
         part = cells[i : i + chunk]
@@ -53,6 +59,10 @@ def kmeans(
         The (codes, D) centres and ``{"objective_init", "objective"}`` (mean squared distance
         to the nearest centre before and after).
     """
+    import torch
+
+    from lmim.targets.codebook import assign
+
     g = torch.Generator(device="cpu").manual_seed(seed)
     m = cells.shape[0]
     if m < codes:
@@ -83,6 +93,9 @@ def kmeans(
 
 def collect(cfg: DictConfig, base_name: str, device: torch.device) -> tuple[Any, list, list]:
     """The base descriptor at the run's cell sizes, those sizes, and sampled cells per scale."""
+    import torch
+
+    from lmim.targets.codebook import make_base
     from lmim.utils import instantiate_checked
 
     # The run's cell sizes: the model as the run builds it, with a base target in place.
@@ -122,8 +135,11 @@ def collect(cfg: DictConfig, base_name: str, device: torch.device) -> tuple[Any,
 
 def fit(cfg: DictConfig) -> dict[str, Any]:
     """Fit and save the codebooks of ``cfg``; returns the summary."""
+    import torch
     from hydra.utils import to_absolute_path
     from tqdm import tqdm
+
+    from lmim.targets.codebook import BASES, FORMAT, assign, usage
 
     base_name = str(cfg.target.base)
     if base_name not in BASES:

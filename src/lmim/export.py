@@ -16,16 +16,17 @@ import argparse
 import functools
 import warnings
 from pathlib import Path
-from typing import Any
-
-import timm
-import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from lmim.cli import fail
 from lmim.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+# torch, timm and the models are imported by the functions that use them: --help and a
+# missing checkpoint answer before any of them is loaded.
 
 
 def encoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -36,6 +37,8 @@ def encoder_state_dict(net: nn.Module) -> dict[str, torch.Tensor]:
     exported as ``norm``, since it is the norm trained on the final features; otherwise ``norm``
     is the identity (weight 1, bias 0).
     """
+    import torch
+
     enc = net.encoder
     sd = {k: v.detach().clone() for k, v in enc.state_dict().items()}
     width = enc.feature_info[-1]["num_chs"]
@@ -76,6 +79,9 @@ def _signature(model: nn.Module) -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=32)
 def _same_architecture(name: str, cls: type, frozen: tuple) -> bool:
+    import timm
+    import torch
+
     kwargs = dict(frozen)
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
         registered = timm.create_model(
@@ -94,6 +100,8 @@ def registered_name(encoder: nn.Module) -> str | None:
     heads, MLP ratio, qkv bias, Swin window or depths) makes it another architecture, which
     :func:`timm_model` then builds from the timm class itself.
     """
+    import timm
+
     name = getattr(encoder, "timm_name", None)
     if not name or not timm.is_model(name):
         return None
@@ -109,6 +117,8 @@ def timm_model(encoder: nn.Module, **kwargs) -> nn.Module:
     No head unless ``kwargs`` ask for ``num_classes``; other timm keyword arguments
     (``global_pool``, ``drop_path_rate``, ...) pass through.
     """
+    import timm
+
     kwargs = {"num_classes": 0, **kwargs}
     name = registered_name(encoder)
     if name:
@@ -147,6 +157,10 @@ def load_pretrainer(checkpoint: str | Path) -> nn.Module:
     fix = "pass a .ckpt written by python -m lmim.train (e.g. outputs/.../checkpoints/last.ckpt)"
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: {fix}")
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -169,7 +183,10 @@ def load_pretrainer(checkpoint: str | Path) -> nn.Module:
 def _load_sharded_pretrainer(path: Path) -> nn.Module:
     """The model of a ``torch.distributed.checkpoint`` folder (``state_dict.net.*`` entries plus
     ``meta.pt``), its shards assembled into full tensors; the optimizer state is not read."""
+    import torch
     import torch.distributed.checkpoint as dcp
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
     from lmim.resume import META_FILE
 
@@ -227,6 +244,8 @@ def main(argv: list[str] | None = None) -> Path:
         net = load_pretrainer(args.checkpoint)
     except ConfigError as err:
         fail(str(err))
+    import torch
+
     sd = encoder_state_dict(net)
     out = (
         Path(args.out)
