@@ -68,6 +68,11 @@ def commands(tmp_path_factory):
         "plus", "lmim.train", "data=demo", *tiny, "+data.batchsize=4", f"hydra.run.dir={cwd}/run",
         cwd=cwd,
     )  # fmt: skip
+    cwd = folder("matmul")
+    cmds.add(
+        "matmul", "lmim.train", "data=demo", *tiny, "trainer.max_steps=2", "matmul_precision=fast",
+        f"hydra.run.dir={cwd}/run", cwd=cwd,
+    )  # fmt: skip
     cwd = folder("hydra")
     cmds.add(
         "hydra", "lmim.train", "experiment=vit_b_100ep", "trainer=cpu", "+logger.wandb.id=abc123",
@@ -155,6 +160,19 @@ def test_key_added_with_plus_that_the_class_does_not_take(commands):
         "(added with +data.batchsize=...): did you mean data.batch_size?"
     ]
     assert "Traceback" not in proc.stderr
+
+
+def test_matmul_precision_torch_has_not_is_one_line(commands):
+    """The README's ``matmul_precision`` key on the command line: a value torch has not stops
+    the run with one line naming the values it has, exit 2, before a checkpoint is written."""
+    cmds, base = commands
+    proc = cmds.result("matmul")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lmim_lines(proc) == [
+        "lmim: error: matmul_precision=fast: use one of highest, high, medium, or null "
+        "(torch's own setting)"
+    ]
+    assert not list((base / "matmul").glob("**/*.ckpt"))
 
 
 def test_hydra_features_still_work(commands):

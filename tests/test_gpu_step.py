@@ -13,7 +13,7 @@ import torch
 
 from lmim.errors import ConfigError, HostSyncError
 from lmim.train import train
-from tests.runs import ROOT, SMALL, cli, cli_env
+from tests.runs import ROOT, SMALL, cli, cli_env, loss_rows
 
 # 10 optimizer steps, logged every 5: steps 4 and 9 are the logging steps.
 TEN_STEPS = [
@@ -138,14 +138,6 @@ def test_compiled_fit_on_resident_data_keeps_checkpoint_names(make_cfg):
     assert all("_orig_mod" not in n for n in names)
 
 
-def step_losses(folder: Path) -> list[float]:
-    import csv
-
-    (path,) = folder.glob("**/metrics.csv")
-    with open(path) as f:
-        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-
 # Slow: inductor's C++ compile of the forward and backward takes about a minute on 2 cores.
 @pytest.mark.slow
 def test_inductor_compiled_cli_fit_trains_like_eager(tmp_path):
@@ -162,9 +154,11 @@ def test_inductor_compiled_cli_fit_trains_like_eager(tmp_path):
     for name, extra in (("eager", []), ("inductor", ["compile.enabled=true"])):
         done = cli(*args, *extra, f"hydra.run.dir={tmp_path / name}", cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        runs[name] = step_losses(tmp_path / name)
+        (path,) = (tmp_path / name).glob("**/metrics.csv")
+        runs[name] = loss_rows(path)
     assert len(runs["eager"]) == 4
-    assert runs["inductor"] == pytest.approx(runs["eager"], rel=1e-4)
+    assert runs["inductor"].keys() == runs["eager"].keys()
+    assert list(runs["inductor"].values()) == pytest.approx(list(runs["eager"].values()), rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,14 @@ from lmim.evaluation import accuracy_metrics
 from lmim.module import warmup_cosine
 
 
+def log_accuracies(module: L.LightningModule, logits: torch.Tensor, y: torch.Tensor) -> None:
+    """Update the module's ``val_metrics`` (torchmetrics accuracies) with a validation batch and
+    log them as ``val/<name>`` (Lightning computes and resets them at the epoch's end)."""
+    for name, metric in module.val_metrics.items():
+        metric.update(logits, y)
+        module.log(f"val/{name}", metric, prog_bar=name == "top1")
+
+
 class FinetuneModule(L.LightningModule):
     """Supervised fine-tuning with the LocalMIM/MAE recipe, built from timm's parts.
 
@@ -70,11 +78,7 @@ class FinetuneModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.model(x)
-        for name, metric in self.val_metrics.items():
-            metric.update(logits, y)
-            self.log(f"val/{name}", metric, prog_bar=name == "top1")
+        log_accuracies(self, self.model(batch[0]), batch[1])
 
     def configure_optimizers(self):
         accum = self.trainer.accumulate_grad_batches
@@ -116,11 +120,7 @@ class LinearProbe(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self.head(x)
-        for name, metric in self.val_metrics.items():
-            metric.update(logits, y)
-            self.log(f"val/{name}", metric, prog_bar=name == "top1")
+        log_accuracies(self, self.head(batch[0]), batch[1])
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.head.parameters(), lr=self.lr, weight_decay=self.weight_decay)
